@@ -1,0 +1,3 @@
+from devmeter.cli import run
+
+run()

@@ -1,0 +1,89 @@
+"""The one place devmeter reads its configuration: environment variables prefixed ``DEVMETER_``."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from devmeter.errors import ConfigError
+
+#: Written by ``devmeter up`` while it runs embedded servers, so that other ``devmeter``
+#: commands started from the same folder reach the same database and broker without
+#: the user copying URLs around.
+RUNTIME_FILE = "runtime.json"
+
+
+def validate_timezone(name: str) -> str:
+    """Return ``name`` if it is an IANA zone; billing months are cut in it, so a typo must fail."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"unknown time zone {name!r} (expected an IANA name such as Asia/Tokyo)"
+        ) from exc
+    return name
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEVMETER_", extra="ignore", frozen=True)
+
+    env: Literal["development", "test", "production"] = "development"
+    database_url: str | None = Field(
+        default=None,
+        description="libpq URL of PostgreSQL/TimescaleDB; unset: `devmeter up` embeds one",
+    )
+    mqtt_url: str | None = Field(
+        default=None,
+        description="mqtt://host:port of the broker; unset: `devmeter up` runs an embedded one",
+    )
+    catalog: Path | None = Field(
+        default=None, description="plan catalog and tax table (TOML); unset: the shipped default"
+    )
+    timezone: str = Field(default="Asia/Tokyo", description="default billing time zone (IANA)")
+    data_dir: Path = Field(
+        default=Path(".devmeter"), description="where `devmeter up` keeps embedded servers' data"
+    )
+    storage: Literal["auto", "timescaledb", "plain"] = Field(
+        default="auto",
+        description="time-series storage for a new database: TimescaleDB when available, "
+        "else monthly-partitioned PostgreSQL tables",
+    )
+    heartbeat_retention_days: int = Field(default=400, ge=35)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        return validate_timezone(value)
+
+    @cached_property
+    def runtime(self) -> dict[str, str]:
+        path = self.data_dir / RUNTIME_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def require_database_url(self) -> str:
+        url = self.database_url or self.runtime.get("database_url")
+        if not url:
+            raise ConfigError(
+                "DEVMETER_DATABASE_URL is not set and no `devmeter up` is running here "
+                "(start one, or point DEVMETER_DATABASE_URL at PostgreSQL)"
+            )
+        return url
+
+    def require_mqtt_url(self) -> str:
+        url = self.mqtt_url or self.runtime.get("mqtt_url")
+        if not url:
+            raise ConfigError(
+                "DEVMETER_MQTT_URL is not set and no `devmeter up` is running here "
+                "(start one, or point DEVMETER_MQTT_URL at an MQTT broker)"
+            )
+        return url

@@ -1,0 +1,63 @@
+-- Device registry queries (accounts, members, API keys, devices, state events).
+
+-- name: insert_account
+INSERT INTO accounts (ref, name, plan, country, timezone, signed_up_on)
+VALUES (%(ref)s, %(name)s, %(plan)s, %(country)s, %(timezone)s, %(signed_up_on)s)
+ON CONFLICT (ref) DO NOTHING
+RETURNING id, ref, name, plan, country, timezone, signed_up_on, status, created_at;
+
+-- name: insert_member
+INSERT INTO members (account_id, name, email, role)
+VALUES (%(account_id)s, %(name)s, %(email)s, %(role)s)
+RETURNING id, account_id, name, email, role, created_at;
+
+-- name: insert_api_key
+INSERT INTO api_keys (member_id, account_id, prefix, key_hash)
+VALUES (%(member_id)s, %(account_id)s, %(prefix)s, %(key_hash)s)
+RETURNING id;
+
+-- name: select_account_by_ref
+SELECT id, ref, name, plan, country, timezone, signed_up_on, status, created_at
+FROM accounts WHERE ref = %(ref)s;
+
+-- name: select_account_by_id
+SELECT id, ref, name, plan, country, timezone, signed_up_on, status, created_at
+FROM accounts WHERE id = %(id)s;
+
+-- name: select_device_for_update
+SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+FROM devices d JOIN accounts a ON a.id = d.account_id
+WHERE d.id = %(id)s
+FOR UPDATE OF d;
+
+-- name: insert_device
+INSERT INTO devices (id, account_id, device_class, name, gateway_id, key_prefix, key_hash,
+                     registered_at, state, state_at)
+VALUES (%(id)s, %(account_id)s, %(device_class)s, %(name)s, %(gateway_id)s, %(key_prefix)s,
+        %(key_hash)s, %(registered_at)s, 'active', %(registered_at)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING id;
+
+-- name: insert_state_event
+INSERT INTO device_state_events (time, device_id, account_id, device_class, state, source, seq)
+VALUES (%(time)s, %(device_id)s, %(account_id)s, %(device_class)s, %(state)s, %(source)s, %(seq)s);
+
+-- name: update_device_state
+-- D3: the current state follows the latest event by event time, so an older event never
+-- overwrites a newer one.
+UPDATE devices SET state = %(state)s, state_at = %(time)s
+WHERE id = %(device_id)s AND state_at <= %(time)s;
+
+-- name: select_devices_of_account
+SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+FROM devices d JOIN accounts a ON a.id = d.account_id
+WHERE d.account_id = %(account_id)s
+ORDER BY d.id;
+
+-- name: select_state_events_of_device
+SELECT time, state, source, seq, received_at
+FROM device_state_events
+WHERE device_id = %(device_id)s
+ORDER BY time, id;

@@ -1,0 +1,320 @@
+"""The device registry: accounts with their owner and API key, devices and their state.
+
+Functions take an open connection and run inside the caller's transaction; they never
+commit, so a caller can group several in one unit of work (and a refused call changes nothing).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets as _random
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import class_row
+
+from devmeter.config import validate_timezone
+from devmeter.db import load_queries
+from devmeter.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
+from metering.catalog import Catalog
+from metering.secrets import API_KEY_PREFIX, DEVICE_KEY_PREFIX, new_secret
+
+Q = load_queries("metering")
+
+State = Literal["active", "inactive"]
+EventSource = Literal["registration", "console", "api", "cli", "heartbeat", "gateway", "import"]
+Conn = psycopg.Connection[Any]
+
+ACCOUNT_REF = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Device ids appear in MQTT topics: no '/', '+', '#' or spaces.
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+COUNTRY = re.compile(r"^[A-Z]{2}$")
+GATEWAY_CLASS = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    ref: str
+    name: str
+    plan: str
+    country: str
+    timezone: str
+    signed_up_on: date
+    status: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    account_id: int
+    account_ref: str
+    device_class: str
+    name: str | None
+    gateway_id: str | None
+    key_prefix: str
+    registered_at: datetime
+    state: State
+    state_at: datetime
+    last_seen_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateEvent:
+    time: datetime
+    state: State
+    source: str
+    seq: int | None
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedAccount:
+    account: Account
+    owner_member_id: int
+    api_key: str
+
+    def __repr__(self) -> str:
+        return f"CreatedAccount(account={self.account!r}, owner_member_id={self.owner_member_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredDevice:
+    device: Device
+    key: str
+
+    def __repr__(self) -> str:
+        return f"RegisteredDevice(device={self.device!r})"
+
+
+def create_account(
+    conn: Conn,
+    catalog: Catalog,
+    *,
+    ref: str,
+    name: str,
+    plan: str,
+    country: str,
+    timezone: str,
+    signed_up_on: date,
+    owner_name: str = "owner",
+    owner_email: str | None = None,
+) -> CreatedAccount:
+    """Create an account, its owner (A1: the first member) and the owner's API key."""
+    if not ACCOUNT_REF.match(ref):
+        raise InvalidError(
+            f"invalid account ref {ref!r}: lower-case letters, digits, '-' and '_', "
+            "starting with a letter or digit, at most 63 characters",
+            field="ref",
+        )
+    if not name.strip() or len(name) > 200:
+        raise InvalidError("account name must be 1 to 200 characters", field="name")
+    if plan not in catalog.plans:
+        known = ", ".join(sorted(catalog.plans))
+        raise InvalidError(f"unknown plan {plan!r} (catalog has: {known})", field="plan")
+    if not COUNTRY.match(country):
+        raise InvalidError(
+            f"invalid country {country!r}: expected an ISO 3166 code such as JP", field="country"
+        )
+    if country not in catalog.tax:
+        known = ", ".join(sorted(catalog.tax))
+        raise InvalidError(
+            f"no tax table for country {country!r} in the catalog (it has: {known})",
+            field="country",
+        )
+    try:
+        validate_timezone(timezone)
+    except ValueError as exc:
+        raise InvalidError(str(exc), field="timezone") from exc
+
+    with conn.cursor(row_factory=class_row(Account)) as cur:
+        account = cur.execute(
+            Q["insert_account"],
+            {
+                "ref": ref,
+                "name": name,
+                "plan": plan,
+                "country": country,
+                "timezone": timezone,
+                "signed_up_on": signed_up_on,
+            },
+        ).fetchone()
+    if account is None:
+        raise ConflictError(f"account {ref!r} already exists", field="ref")
+    member = conn.execute(
+        Q["insert_member"],
+        {"account_id": account.id, "name": owner_name, "email": owner_email, "role": "owner"},
+    ).fetchone()
+    assert member is not None
+    key = new_secret(API_KEY_PREFIX)
+    conn.execute(
+        Q["insert_api_key"],
+        {
+            "member_id": member["id"],
+            "account_id": account.id,
+            "prefix": key.prefix,
+            "key_hash": key.digest,
+        },
+    )
+    return CreatedAccount(account, int(member["id"]), key.plaintext)
+
+
+def get_account(conn: Conn, ref: str) -> Account:
+    with conn.cursor(row_factory=class_row(Account)) as cur:
+        account = cur.execute(Q["select_account_by_ref"], {"ref": ref}).fetchone()
+    if account is None:
+        raise NotFoundError(f"unknown account {ref!r}", field="account")
+    return account
+
+
+def register_device(
+    conn: Conn,
+    catalog: Catalog,
+    *,
+    account_ref: str,
+    device_class: str,
+    at: datetime,
+    device_id: str | None = None,
+    gateway_id: str | None = None,
+    name: str | None = None,
+    source: EventSource = "registration",
+) -> RegisteredDevice:
+    """Register a device Active at ``at`` (D1): billing counts it from that instant."""
+    _require_aware(at)
+    account = get_account(conn, account_ref)
+    _require_not_suspended(account)
+    classes = catalog.plans[account.plan].classes
+    if device_class not in classes:
+        known = ", ".join(sorted(classes))
+        raise InvalidError(
+            f"plan {account.plan!r} has no device class {device_class!r} (it has: {known})",
+            field="class",
+        )
+    if device_id is None:
+        device_id = "dev-" + _random.token_hex(8)
+    elif not DEVICE_ID.match(device_id):
+        raise InvalidError(
+            f"invalid device id {device_id!r}: letters, digits, '.', '-' and '_', "
+            "starting with a letter or digit, at most 64 characters",
+            field="id",
+        )
+    if name is not None and len(name) > 200:
+        raise InvalidError("device name must be at most 200 characters", field="name")
+    if gateway_id is not None:
+        gateway = _lock_device(conn, gateway_id, account.id, field="gateway")
+        if gateway.device_class != GATEWAY_CLASS:
+            raise InvalidError(
+                f"device {gateway_id!r} is of class {gateway.device_class!r}, not a gateway",
+                field="gateway",
+            )
+
+    key = new_secret(DEVICE_KEY_PREFIX)
+    inserted = conn.execute(
+        Q["insert_device"],
+        {
+            "id": device_id,
+            "account_id": account.id,
+            "device_class": device_class,
+            "name": name,
+            "gateway_id": gateway_id,
+            "key_prefix": key.prefix,
+            "key_hash": key.digest,
+            "registered_at": at,
+        },
+    ).fetchone()
+    if inserted is None:
+        raise ConflictError(f"device {device_id!r} already exists", field="id")
+    _insert_event(conn, device_id, account.id, device_class, "active", at, source)
+    device = _lock_device(conn, device_id, account.id, field="id")
+    return RegisteredDevice(device, key.plaintext)
+
+
+def set_device_state(
+    conn: Conn,
+    *,
+    device_id: str,
+    state: State,
+    at: datetime,
+    source: EventSource,
+    account_id: int | None = None,
+) -> Device:
+    """Set a device Active or Inactive at ``at`` (D2), recording a state event.
+
+    Idempotent: asking for the state the device is already in records nothing. ``account_id``
+    scopes the lookup for callers acting for one account (A4): another account's device is
+    "not found", never "forbidden".
+    """
+    _require_aware(at)
+    if state not in ("active", "inactive"):
+        raise InvalidError(f"invalid state {state!r}: active or inactive", field="state")
+    device = _lock_device(conn, device_id, account_id, field="device")
+    if device.state == state and device.state_at <= at:
+        return device
+    if state == "active":
+        account = conn.execute(Q["select_account_by_id"], {"id": device.account_id}).fetchone()
+        assert account is not None
+        if account["status"] == "suspended":
+            raise ForbiddenError(
+                f"account {account['ref']!r} is suspended: devices cannot be activated",
+                field="account",
+            )
+    _insert_event(conn, device.id, device.account_id, device.device_class, state, at, source)
+    return _lock_device(conn, device.id, device.account_id, field="device")
+
+
+def list_devices(conn: Conn, account_ref: str) -> list[Device]:
+    account = get_account(conn, account_ref)
+    with conn.cursor(row_factory=class_row(Device)) as cur:
+        return cur.execute(Q["select_devices_of_account"], {"account_id": account.id}).fetchall()
+
+
+def device_events(conn: Conn, device_id: str, account_id: int | None = None) -> list[StateEvent]:
+    _lock_device(conn, device_id, account_id, field="device")
+    with conn.cursor(row_factory=class_row(StateEvent)) as cur:
+        return cur.execute(Q["select_state_events_of_device"], {"device_id": device_id}).fetchall()
+
+
+def _insert_event(
+    conn: Conn,
+    device_id: str,
+    account_id: int,
+    device_class: str,
+    state: State,
+    at: datetime,
+    source: EventSource,
+    seq: int | None = None,
+) -> None:
+    params = {
+        "time": at,
+        "device_id": device_id,
+        "account_id": account_id,
+        "device_class": device_class,
+        "state": state,
+        "source": source,
+        "seq": seq,
+    }
+    conn.execute(Q["insert_state_event"], params)
+    conn.execute(Q["update_device_state"], params)
+
+
+def _lock_device(conn: Conn, device_id: str, account_id: int | None, *, field: str) -> Device:
+    with conn.cursor(row_factory=class_row(Device)) as cur:
+        device = cur.execute(Q["select_device_for_update"], {"id": device_id}).fetchone()
+    if device is None or (account_id is not None and device.account_id != account_id):
+        raise NotFoundError(f"unknown device {device_id!r}", field=field)
+    return device
+
+
+def _require_not_suspended(account: Account) -> None:
+    if account.status == "suspended":
+        raise ForbiddenError(
+            f"account {account.ref!r} is suspended: devices cannot be registered", field="account"
+        )
+
+
+def _require_aware(at: datetime) -> None:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("instants must be timezone-aware")

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from tests.servers import Server, mqtt_server, postgres_server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # getbasetemp().parent is shared by all xdist workers of this run.
+    shared = tmp_path_factory.getbasetemp().parent
+    with postgres_server(shared) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mqtt_server(tmp_path_factory.mktemp("broker")) as server:
+        yield server.url
+
+
+def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: Server) -> Iterator[str]:
+    """A migrated database that each test's database is cloned from (fast: a file copy)."""
+    from devmeter.migrate import migrate
+
+    name = f"devmeter_tmpl_{_worker()}_{os.getpid()}"
+    with _admin(pg_server.url) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrate(make_conninfo(pg_server.url, dbname=name))
+    yield name
+    with _admin(pg_server.url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def database_url(pg_server: Server, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test, dropped afterwards."""
+    name = f"devmeter_test_{_worker()}_{os.getpid()}_{next(_counter)}"
+    with _admin(pg_server.url) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
+    yield make_conninfo(pg_server.url, dbname=name)
+    with _admin(pg_server.url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def empty_database_url(pg_server: Server) -> Iterator[str]:
+    """A fresh database with no schema, for testing migrations themselves."""
+    name = f"devmeter_empty_{_worker()}_{os.getpid()}_{next(_counter)}"
+    with _admin(pg_server.url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield make_conninfo(pg_server.url, dbname=name)
+    with _admin(pg_server.url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> object:
+        import json
+
+        return json.loads(self.stdout)
+
+
+@dataclass(frozen=True)
+class Cli:
+    """Runs the real `devmeter` command in a subprocess, as a person or a script would."""
+
+    env: dict[str, str]
+    cwd: Path
+
+    def __call__(self, *args: str, timeout: float = 60) -> CliResult:
+        proc = subprocess.run(
+            [sys.executable, "-m", "devmeter", *args],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVMETER_")}
+    env["DEVMETER_DATA_DIR"] = str(tmp_path / "data")
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture
+def cli(cli_env: dict[str, str], database_url: str, tmp_path: Path) -> Cli:
+    return Cli({**cli_env, "DEVMETER_DATABASE_URL": database_url}, tmp_path)

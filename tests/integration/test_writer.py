@@ -1,0 +1,201 @@
+"""The ingest writer against a real PostgreSQL: storage, dedup, derived state events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+import pytest
+
+from devmeter.db import connect
+from ingest.processor import Heartbeat, Reason, Rejection, State, device_topic
+from ingest.writer import load_directory, write_batch
+from metering.catalog import load_catalog
+from metering.registry import create_account, register_device, set_device_state
+
+T0 = datetime(2026, 10, 1, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
+    with connect(database_url) as c:
+        catalog = load_catalog()
+        with c.transaction():
+            create_account(
+                c,
+                catalog,
+                ref="acme",
+                name="ACME",
+                plan="standard",
+                country="JP",
+                timezone="Asia/Tokyo",
+                signed_up_on=date(2026, 9, 1),
+            )
+            register_device(
+                c, catalog, account_ref="acme", device_class="lte-m", device_id="d1", at=T0
+            )
+            register_device(
+                c, catalog, account_ref="acme", device_class="gateway", device_id="g1", at=T0
+            )
+            register_device(
+                c,
+                catalog,
+                account_ref="acme",
+                device_class="wifi",
+                device_id="c1",
+                gateway_id="g1",
+                at=T0,
+            )
+        yield c
+
+
+def hb(
+    device: str, minutes: int, state: State, seq: int = 1, reporter: str | None = None
+) -> Heartbeat:
+    cls = {"d1": "lte-m", "g1": "gateway", "c1": "wifi"}[device]
+    return Heartbeat(
+        T0 + timedelta(minutes=minutes),
+        device,
+        1,
+        cls,
+        state,
+        seq,
+        reporter or device,
+        T0 + timedelta(minutes=minutes, seconds=1),
+    )
+
+
+def timeline(
+    conn: psycopg.Connection[dict[str, object]], device: str
+) -> list[tuple[int, str, str]]:
+    rows = conn.execute(
+        "SELECT time, state, source FROM device_state_events WHERE device_id = %s "
+        "ORDER BY time, id",
+        (device,),
+    ).fetchall()
+    return [
+        (int((r["time"] - T0).total_seconds() // 60), str(r["state"]), str(r["source"]))  # type: ignore[operator]
+        for r in rows
+    ]
+
+
+def current(
+    conn: psycopg.Connection[dict[str, object]], device: str
+) -> tuple[str, int, int | None]:
+    row = conn.execute(
+        "SELECT state, state_at, last_seen_at FROM devices WHERE id = %s", (device,)
+    ).fetchone()
+    assert row is not None
+    seen = row["last_seen_at"]
+    return (
+        str(row["state"]),
+        int((row["state_at"] - T0).total_seconds() // 60),  # type: ignore[operator]
+        None if seen is None else int((seen - T0).total_seconds() // 60),
+    )  # type: ignore[operator]
+
+
+def test_only_state_changes_become_events(conn: psycopg.Connection[dict[str, object]]) -> None:
+    result = write_batch(
+        conn,
+        [
+            hb("d1", 1, "active"),
+            hb("d1", 2, "inactive", 2),
+            hb("d1", 3, "inactive", 3),
+            hb("d1", 4, "active", 4),
+        ],
+        [],
+    )
+    assert (result.heartbeats, result.duplicates, result.events) == (4, 0, 2)
+    assert timeline(conn, "d1") == [
+        (0, "active", "registration"),
+        (2, "inactive", "heartbeat"),
+        (4, "active", "heartbeat"),
+    ]
+    assert current(conn, "d1") == ("active", 4, 4)
+
+
+def test_redelivered_heartbeats_are_stored_once(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    batch = [hb("d1", 5, "inactive", 7)]
+    first = write_batch(conn, batch, [])
+    again = write_batch(conn, batch + batch, [])
+    assert (first.heartbeats, first.events) == (1, 1)
+    assert (again.heartbeats, again.duplicates, again.events) == (0, 2, 0)
+    count = conn.execute("SELECT count(*) AS n FROM heartbeats").fetchone()
+    assert count == {"n": 1}
+    assert timeline(conn, "d1") == [(0, "active", "registration"), (5, "inactive", "heartbeat")]
+
+
+def test_gateway_reported_child_is_a_gateway_event(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    write_batch(conn, [hb("g1", 1, "active"), hb("c1", 1, "inactive", reporter="g1")], [])
+    assert timeline(conn, "c1") == [(0, "active", "registration"), (1, "inactive", "gateway")]
+    assert timeline(conn, "g1") == [(0, "active", "registration")]
+
+
+def test_late_heartbeat_changes_history_but_not_current_state(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    write_batch(conn, [hb("d1", 10, "active", 10), hb("d1", 20, "inactive", 20)], [])
+    # Arrives last, dated between: the device was inactive from minute 15 ...
+    write_batch(conn, [hb("d1", 15, "inactive", 15)], [])
+    assert timeline(conn, "d1") == [
+        (0, "active", "registration"),
+        (15, "inactive", "heartbeat"),
+        (20, "inactive", "heartbeat"),
+    ]
+    assert current(conn, "d1") == ("inactive", 20, 20)
+
+
+def test_late_heartbeat_does_not_outlive_the_next_heartbeat(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    write_batch(conn, [hb("d1", 10, "active", 10), hb("d1", 30, "inactive", 30)], [])
+    write_batch(conn, [hb("d1", 5, "inactive", 5)], [])
+    # Inactive at 5, but the heartbeat at 10 said active again: that must be on the timeline.
+    assert timeline(conn, "d1") == [
+        (0, "active", "registration"),
+        (5, "inactive", "heartbeat"),
+        (10, "active", "heartbeat"),
+        (30, "inactive", "heartbeat"),
+    ]
+
+
+def test_console_event_then_older_heartbeat_keeps_console_state(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    with conn.transaction():
+        set_device_state(
+            conn, device_id="d1", state="inactive", at=T0 + timedelta(minutes=50), source="console"
+        )
+    write_batch(conn, [hb("d1", 40, "active", 40)], [])
+    assert current(conn, "d1") == ("inactive", 50, 40)
+
+
+def test_rejections_are_quarantined(conn: psycopg.Connection[dict[str, object]]) -> None:
+    rejection = Rejection(
+        Reason.SCHEMA,
+        "Object missing required field `seq`",
+        device_topic("d1"),
+        b'{"state":"active"}',
+        T0,
+    )
+    result = write_batch(conn, [], [rejection])
+    assert result.rejections == 1
+    row = conn.execute("SELECT topic, reason, detail, payload FROM rejected_heartbeats").fetchone()
+    assert row == {
+        "topic": device_topic("d1"),
+        "reason": "schema",
+        "detail": "Object missing required field `seq`",
+        "payload": b'{"state":"active"}',
+    }
+
+
+def test_directory_lists_devices_with_binding(conn: psycopg.Connection[dict[str, object]]) -> None:
+    directory = load_directory(conn)
+    assert set(directory) == {"d1", "g1", "c1"}
+    assert directory["c1"].gateway_id == "g1"
+    assert directory["d1"].registered_at == T0

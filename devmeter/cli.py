@@ -308,6 +308,19 @@ def _device_json(device: Any) -> dict[str, object]:
 
 
 @main.command()
+@click.option("--client-id", help="MQTT client id (default: DEVMETER_INGEST_CLIENT_ID).")
+@reports_errors
+def ingest(client_id: str | None) -> None:
+    """Run the ingest worker: MQTT heartbeats into the database, until Ctrl-C."""
+    from devmeter.service import run_ingest
+
+    config = settings()
+    if client_id:
+        config = config.model_copy(update={"ingest_client_id": client_id})
+    run_ingest(config)
+
+
+@main.command()
 @reports_errors
 def up() -> None:
     """Run the service: migrations, then everything devmeter has, until Ctrl-C.

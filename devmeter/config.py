@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,32 @@ class Settings(BaseSettings):
         "else monthly-partitioned PostgreSQL tables",
     )
     heartbeat_retention_days: int = Field(default=400, ge=35)
+
+    # Ingest worker.
+    ingest_client_id: str = Field(
+        default_factory=lambda: f"devmeter-ingest-{socket.gethostname()}",
+        description="MQTT client id; keep it stable across restarts so the persistent session "
+        "(and its unacknowledged messages) is picked up again",
+    )
+    ingest_share_group: str = Field(
+        default="devmeter",
+        description="shared-subscription group ($share/<group>/...) so workers split the load; "
+        "empty for a plain subscription",
+    )
+    ingest_batch_size: int = Field(default=2000, ge=1, le=100_000)
+    ingest_batch_age_ms: int = Field(default=200, ge=1, le=60_000)
+    ingest_max_inflight: int = Field(
+        default=20_000,
+        ge=10,
+        le=65_535,
+        description="unacknowledged messages the broker may send (MQTT 5 Receive Maximum); "
+        "also the bound of the worker's queue",
+    )
+    ingest_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    ingest_metrics_port: int | None = Field(
+        default=None, description="serve Prometheus metrics of `devmeter ingest` on this port"
+    )
+    ingest_log_interval_s: float = Field(default=10.0, gt=0)
 
     @field_validator("timezone")
     @classmethod

@@ -11,8 +11,12 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from devmeter.config import RUNTIME_FILE, Settings
+
+if TYPE_CHECKING:
+    from ingest.worker import IngestOptions
 
 log = logging.getLogger("devmeter.up")
 
@@ -28,13 +32,8 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
     data_dir = config.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
 
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        _say(f"{signal.Signals(signum).name} received, stopping")
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_signal)
-        signal.signal(signal.SIGTERM, _on_signal)
+    _install_signals(stop)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     with ExitStack() as stack:
         database_url = config.database_url
@@ -54,7 +53,7 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
 
             broker = start_broker(data_dir / "broker")
             stack.callback(broker.stop)
-            mqtt_url = broker.url
+            mqtt_url = broker.url if broker.protocol == "5" else f"{broker.url}?protocol=3.1.1"
             _say(
                 f"no DEVMETER_MQTT_URL: started embedded {broker.kind} broker at {broker.url} "
                 f"(MQTT {broker.protocol})"
@@ -69,6 +68,9 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         )
         _say(f"database schema at version {result.current_version}, storage mode {result.mode}")
 
+        worker_thread = _start_ingest(config, database_url, mqtt_url, stop)
+        stack.callback(worker_thread.join, 30)
+
         runtime = data_dir / RUNTIME_FILE
         _write_runtime(
             runtime, {"database_url": database_url, "mqtt_url": mqtt_url, "pid": str(os.getpid())}
@@ -78,6 +80,56 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         _say("press Ctrl-C to stop")
         stop.wait()
     _say("stopped")
+
+
+def ingest_options(config: Settings) -> IngestOptions:
+    from ingest.worker import IngestOptions
+
+    return IngestOptions(
+        client_id=config.ingest_client_id,
+        share_group=config.ingest_share_group,
+        batch_size=config.ingest_batch_size,
+        batch_age_s=config.ingest_batch_age_ms / 1000,
+        max_inflight=config.ingest_max_inflight,
+        session_expiry_s=config.ingest_session_expiry_s,
+        log_interval_s=config.ingest_log_interval_s,
+    )
+
+
+def _start_ingest(
+    config: Settings, database_url: str, mqtt_url: str, stop: threading.Event
+) -> threading.Thread:
+    from ingest.worker import IngestWorker
+
+    worker = IngestWorker(database_url, mqtt_url, ingest_options(config))
+    if config.ingest_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.ingest_metrics_port, registry=worker.metrics.registry)
+    thread = threading.Thread(target=worker.run, args=(stop,), name="ingest", daemon=True)
+    thread.start()
+    _say(f"ingest worker subscribed as {config.ingest_client_id!r}")
+    return thread
+
+
+def run_ingest(config: Settings) -> None:
+    """``devmeter ingest``: the worker alone, against configured servers."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    _install_signals(stop)
+    thread = _start_ingest(config, config.require_database_url(), config.require_mqtt_url(), stop)
+    while thread.is_alive():
+        thread.join(0.5)
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        _say(f"{signal.Signals(signum).name} received, stopping")
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
 
 
 def _write_runtime(path: Path, values: dict[str, str]) -> None:

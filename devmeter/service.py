@@ -54,6 +54,9 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
             broker = start_broker(data_dir / "broker")
             stack.callback(broker.stop)
             mqtt_url = broker.url if broker.protocol == "5" else f"{broker.url}?protocol=3.1.1"
+            if broker.kind == "amqtt":
+                # The pure-Python broker has no shared subscriptions; one worker needs none.
+                config = config.model_copy(update={"ingest_share_group": ""})
             _say(
                 f"no DEVMETER_MQTT_URL: started embedded {broker.kind} broker at {broker.url} "
                 f"(MQTT {broker.protocol})"

@@ -199,7 +199,12 @@ class IngestWorker:
             else:
                 heartbeats.extend(out)
         if retry:
-            # A device registered since the directory was loaded: look again (rate-limited).
+            # Maybe a device registered since the directory was loaded: look again. Refreshes
+            # are rate-limited; waiting out the limit (at most once per batch) rather than
+            # refusing means a just-registered device is never quarantined.
+            wait = self._directory_at + _DIRECTORY_REFRESH_S - time.monotonic()
+            if wait > 0:
+                stop.wait(wait)
             self._refresh_directory(stop)
             for message in retry:
                 out = process(message.topic, message.payload, message.received_at, self._directory)

@@ -51,7 +51,10 @@ def postgres_server(shared_dir: Path) -> Iterator[Server]:
 
     # One embedded server for all xdist workers: they share `shared_dir`.
     pg = start_postgres(shared_dir / "embedded-postgres", fast_unsafe=True)
-    yield Server(pg.url, "embedded PostgreSQL")
+    try:
+        yield Server(pg.url, "embedded PostgreSQL")
+    finally:
+        pg.stop()  # the server stops when the last xdist worker lets go
 
 
 @contextmanager
@@ -75,6 +78,7 @@ def mqtt_server(data_dir: Path) -> Iterator[Server]:
 
     broker = start_broker(data_dir)
     try:
-        yield Server(broker.url, f"embedded {broker.kind} broker")
+        url = broker.url if broker.protocol == "5" else f"{broker.url}?protocol=3.1.1"
+        yield Server(url, f"embedded {broker.kind} broker")
     finally:
         broker.stop()

@@ -1,0 +1,88 @@
+"""`devmeter up` on nothing but Python: embedded PostgreSQL and broker, migrations, ingest."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ingest.processor import device_topic
+from tests.conftest import Cli
+from tests.integration.test_ingest_worker import Publisher, poll
+
+
+def test_up_runs_embedded_servers_and_serves_other_commands(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "up"],
+            env={
+                **cli_env,
+                "DEVMETER_INGEST_SHARE_GROUP": "",
+                "DEVMETER_INGEST_CLIENT_ID": "up-test",
+            },
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        poll(
+            lambda: "ready" in log_path.read_text() or proc.poll() is not None,
+            180,
+            "devmeter up to be ready",
+        )
+        text = log_path.read_text()
+        assert proc.poll() is None, text
+        assert "started embedded PostgreSQL" in text
+        assert "broker at mqtt://127.0.0.1:" in text
+        assert "storage mode plain" in text
+
+        cli = Cli(cli_env, tmp_path)
+        created = cli(
+            "accounts",
+            "create",
+            "--ref",
+            "acme",
+            "--name",
+            "ACME",
+            "--plan",
+            "standard",
+            "--country",
+            "JP",
+        )
+        assert created.code == 0, created.stderr
+        device = cli("devices", "register", "--account", "acme", "--class", "lte-m", "--id", "d1")
+        assert device.code == 0, device.stderr
+
+        runtime = json.loads((tmp_path / "data" / "runtime.json").read_text())
+        publisher = Publisher(runtime["mqtt_url"])
+        try:
+            publisher.publish(
+                device_topic("d1"),
+                {"state": "inactive", "ts": datetime.now(UTC).isoformat(), "seq": 1},
+            )
+        finally:
+            publisher.close()
+
+        def inactive() -> bool:
+            listed = cli("devices", "list", "--account", "acme").json()
+            return listed["devices"][0]["state"] == "inactive"  # type: ignore[index,no-any-return]
+
+        poll(inactive, 30, "the heartbeat to set d1 inactive")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("devmeter up did not stop on SIGTERM")
+    assert code == 0, log_path.read_text()
+    assert "stopped" in log_path.read_text()
+    assert not (tmp_path / "data" / "runtime.json").exists()

@@ -176,6 +176,7 @@ class Subscriber:
         if any(r.is_failure for r in reasons):
             log.error("subscription to %s refused: %s", self._topic, reasons)
             return
+        log.info("subscription to %s granted", self._topic)
         self.subscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:

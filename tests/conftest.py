@@ -4,8 +4,9 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 
 import psycopg
@@ -133,3 +134,42 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def cli(cli_env: dict[str, str], database_url: str, tmp_path: Path) -> Cli:
     return Cli({**cli_env, "DEVMETER_DATABASE_URL": database_url}, tmp_path)
+
+
+def seed_fleet(
+    url: str,
+    devices: Iterable[tuple[str, str, str | None]],
+    at: datetime,
+    *,
+    signed_up_on: date = date(2026, 1, 1),
+) -> None:
+    """The SPEC's example account (`acme`, plan standard, Japan) with devices registered at `at`.
+
+    `devices` are (id, class, gateway id or None), in registration order.
+    """
+    from devmeter.db import connect
+    from metering.catalog import load_catalog
+    from metering.registry import create_account, register_device
+
+    catalog = load_catalog()
+    with connect(url) as conn, conn.transaction():
+        create_account(
+            conn,
+            catalog,
+            ref="acme",
+            name="ACME",
+            plan="standard",
+            country="JP",
+            timezone="Asia/Tokyo",
+            signed_up_on=signed_up_on,
+        )
+        for device_id, device_class, gateway_id in devices:
+            register_device(
+                conn,
+                catalog,
+                account_ref="acme",
+                device_class=device_class,
+                device_id=device_id,
+                gateway_id=gateway_id,
+                at=at,
+            )

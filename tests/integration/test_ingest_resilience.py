@@ -8,17 +8,15 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import psycopg
 import pytest
 
-from devmeter.db import connect
 from ingest.processor import device_topic
-from metering.catalog import load_catalog
-from metering.registry import create_account, register_device
+from tests.conftest import seed_fleet
 from tests.integration.test_ingest_worker import Publisher, count, poll
 
 DEVICES = 100
@@ -118,27 +116,11 @@ def uid() -> str:
 
 @pytest.fixture
 def fleet(database_url: str, uid: str) -> None:
-    catalog = load_catalog()
-    with connect(database_url) as conn, conn.transaction():
-        create_account(
-            conn,
-            catalog,
-            ref="acme",
-            name="ACME",
-            plan="standard",
-            country="JP",
-            timezone="Asia/Tokyo",
-            signed_up_on=date(2026, 1, 1),
-        )
-        for n in range(DEVICES):
-            register_device(
-                conn,
-                catalog,
-                account_ref="acme",
-                device_class="lte-m",
-                device_id=f"s{uid}-{n}",
-                at=BASE - timedelta(days=1),
-            )
+    seed_fleet(
+        database_url,
+        [(f"s{uid}-{n}", "lte-m", None) for n in range(DEVICES)],
+        BASE - timedelta(days=1),
+    )
 
 
 @pytest.fixture

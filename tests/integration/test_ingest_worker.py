@@ -7,19 +7,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devmeter.db import connect
 from ingest.mqtt import parse_mqtt_url
 from ingest.processor import MAX_CHILDREN, Reason, device_topic, gateway_topic
 from ingest.worker import IngestOptions, IngestWorker
-from metering.catalog import load_catalog
-from metering.registry import create_account, register_device
+from tests.conftest import seed_fleet
 
 REGISTERED = datetime.now(UTC) - timedelta(hours=1)
 
@@ -61,33 +59,16 @@ def uid() -> str:
 @pytest.fixture
 def devices(database_url: str, uid: str) -> dict[str, str]:
     ids = {"d": f"d-{uid}", "g": f"g-{uid}", "c": f"c-{uid}", "x": f"x-{uid}"}
-    catalog = load_catalog()
-    with connect(database_url) as conn, conn.transaction():
-        create_account(
-            conn,
-            catalog,
-            ref="acme",
-            name="ACME",
-            plan="standard",
-            country="JP",
-            timezone="Asia/Tokyo",
-            signed_up_on=date(2026, 1, 1),
-        )
-        for key, cls, gateway in [
-            ("d", "lte-m", None),
-            ("g", "gateway", None),
-            ("c", "wifi", ids["g"]),
-            ("x", "wifi", None),
-        ]:
-            register_device(
-                conn,
-                catalog,
-                account_ref="acme",
-                device_class=cls,
-                device_id=ids[key],
-                gateway_id=gateway,
-                at=REGISTERED,
-            )
+    seed_fleet(
+        database_url,
+        [
+            (ids["d"], "lte-m", None),
+            (ids["g"], "gateway", None),
+            (ids["c"], "wifi", ids["g"]),
+            (ids["x"], "wifi", None),
+        ],
+        REGISTERED,
+    )
     return ids
 
 

@@ -11,42 +11,21 @@ import pytest
 from devmeter.db import connect
 from ingest.processor import Heartbeat, Reason, Rejection, State, device_topic
 from ingest.writer import load_directory, write_batch
-from metering.catalog import load_catalog
-from metering.registry import create_account, register_device, set_device_state
+from metering.registry import set_device_state
+from tests.conftest import seed_fleet
 
 T0 = datetime(2026, 10, 1, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def conn(database_url: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
+    seed_fleet(
+        database_url,
+        [("d1", "lte-m", None), ("g1", "gateway", None), ("c1", "wifi", "g1")],
+        T0,
+        signed_up_on=date(2026, 9, 1),
+    )
     with connect(database_url) as c:
-        catalog = load_catalog()
-        with c.transaction():
-            create_account(
-                c,
-                catalog,
-                ref="acme",
-                name="ACME",
-                plan="standard",
-                country="JP",
-                timezone="Asia/Tokyo",
-                signed_up_on=date(2026, 9, 1),
-            )
-            register_device(
-                c, catalog, account_ref="acme", device_class="lte-m", device_id="d1", at=T0
-            )
-            register_device(
-                c, catalog, account_ref="acme", device_class="gateway", device_id="g1", at=T0
-            )
-            register_device(
-                c,
-                catalog,
-                account_ref="acme",
-                device_class="wifi",
-                device_id="c1",
-                gateway_id="g1",
-                at=T0,
-            )
         yield c
 
 

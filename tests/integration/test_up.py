@@ -13,6 +13,7 @@ import pytest
 
 from ingest.processor import device_topic
 from tests.conftest import Cli
+from tests.integration.test_cli_registry import _create_acme
 from tests.integration.test_ingest_worker import Publisher, poll
 
 
@@ -45,19 +46,7 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
         assert "storage mode plain" in text
 
         cli = Cli(cli_env, tmp_path)
-        created = cli(
-            "accounts",
-            "create",
-            "--ref",
-            "acme",
-            "--name",
-            "ACME",
-            "--plan",
-            "standard",
-            "--country",
-            "JP",
-        )
-        assert created.code == 0, created.stderr
+        _create_acme(cli)
         device = cli("devices", "register", "--account", "acme", "--class", "lte-m", "--id", "d1")
         assert device.code == 0, device.stderr
 

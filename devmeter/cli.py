@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
@@ -318,6 +319,418 @@ def ingest(client_id: str | None) -> None:
     if client_id:
         config = config.model_copy(update={"ingest_client_id": client_id})
     run_ingest(config)
+
+
+def _month_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    return click.option("--month", required=True, metavar="YYYY-MM", help=help_text)
+
+
+@main.command()
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@_month_option("Billing month in the account's time zone.")
+@click.option("--evidence", is_flag=True, help="Also list the devices that made up each peak.")
+@reports_errors
+def usage(account_ref: str, month: str, evidence: bool) -> None:
+    """Peak active devices per class of a month: preliminary while open, final once closed."""
+    from metering.statements import get_usage
+
+    with transaction(settings()) as conn:
+        result = get_usage(conn, account_ref, month, now=_now())
+    classes: dict[str, object] = {}
+    for name, peak in result.classes.items():
+        entry: dict[str, object] = {"peak": peak.peak, "peak_at": peak.peak_at}
+        if evidence:
+            entry["devices"] = list(peak.device_ids)
+        classes[name] = entry
+    emit(
+        {
+            "account": result.account,
+            "month": result.month,
+            "status": result.status,
+            "period": {"start": result.period_start, "end": result.period_end},
+            "classes": classes,
+        }
+    )
+
+
+@main.command()
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@_month_option("Billing month in the account's time zone.")
+@click.option("--evidence", is_flag=True, help="Also list the devices that made up each peak.")
+@reports_errors
+def statement(account_ref: str, month: str, evidence: bool) -> None:
+    """The priced statement of a month (preliminary while the month is open)."""
+    from metering.statements import get_statement
+
+    config = settings()
+    with transaction(config) as conn:
+        result = get_statement(conn, catalog(config), account_ref, month, now=_now())
+    emit(statement_json(result, evidence=evidence))
+
+
+def statement_json(result: Any, *, evidence: bool = False) -> dict[str, object]:
+    from metering.pricing import format_money
+
+    cur = result.currency
+
+    def money(value: Decimal) -> str:
+        return format_money(value, cur)
+
+    out: dict[str, object] = {
+        "account": result.account,
+        "month": result.month,
+        "status": result.status,
+        "plan": result.plan,
+        "currency": cur,
+        "period": {"start": result.period_start, "end": result.period_end},
+        "usage": {c: {"peak": p.peak, "peak_at": p.peak_at} for c, p in result.peaks.items()},
+        "lines": [
+            {
+                "kind": line.kind,
+                "class": line.device_class,
+                "description": line.description,
+                "quantity": line.quantity,
+                "unit_price": money(line.unit_price),
+                "amount": money(line.amount),
+                "tier": line.tier,
+            }
+            for line in result.lines
+        ],
+        "subtotal": money(result.subtotal),
+        "tax": money(result.tax),
+        "credits_applied": money(result.credits_applied),
+        "amount_due": money(result.amount_due),
+        "due_date": result.due_date,
+        "closed_at": result.closed_at,
+    }
+    if evidence:
+        out["evidence"] = {c: list(p.device_ids) for c, p in result.peaks.items()}
+    return out
+
+
+@main.command()
+@_month_option("The month to close, in each account's time zone.")
+@click.option("--account", "account_ref", help="Close only this account (default: all).")
+@reports_errors
+def close(month: str, account_ref: str | None) -> None:
+    """Close a month: final peaks, priced lines, due date. Closing twice changes nothing.
+
+    A month is closed only after it has ended in the account's time zone plus the grace
+    period for late heartbeats (DEVMETER_CLOSE_GRACE_MINUTES, default 120).
+    """
+    from datetime import timedelta
+
+    from devmeter.db import connect
+    from metering.scheduler import webhook_outbox
+    from metering.statements import close_month
+
+    config = settings()
+    url = config.require_database_url()
+    report = close_month(
+        lambda: connect(url),
+        catalog(config),
+        month,
+        now=_now(),
+        account_ref=account_ref,
+        grace=timedelta(minutes=config.close_grace_minutes),
+        on_closed=webhook_outbox(config.webhook_url),
+    )
+    emit(report)
+    if report.failed:
+        fail(
+            f"{len(report.failed)} account(s) failed to close (recorded, retried by the "
+            f"scheduler): {', '.join(sorted(report.failed))}",
+            EXIT_FAILED,
+        )
+
+
+@main.command()
+@_month_option("The closed month to export.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write here (default: stdout).",
+)
+@reports_errors
+def export(month: str, fmt: str, out: Path | None) -> None:
+    """Export a closed month's statements for billing (same month, same bytes).
+
+    With --out, the file is written whole or not at all and a JSON summary (export id,
+    SHA-256, rows) goes to stdout; without, the export goes to stdout and the summary to stderr.
+    """
+    import os
+
+    from metering.export import export_month
+
+    with transaction(settings()) as conn:
+        result = export_month(conn, month, fmt)
+    summary = {
+        "export_id": result.export_id,
+        "month": result.month,
+        "format": result.format,
+        "sha256": result.sha256,
+        "rows": result.rows,
+        "statements": result.statements,
+    }
+    if out is None:
+        sys.stdout.buffer.write(result.body)
+        sys.stdout.flush()
+        click.echo(json.dumps(summary), err=True)
+        return
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_bytes(result.body)
+    os.replace(partial, out)
+    emit({**summary, "file": str(out)})
+
+
+@main.command()
+@click.option("--host", help="Address to listen on (default: DEVMETER_API_HOST, 127.0.0.1).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), help="Port (default: DEVMETER_API_PORT, 8000)."
+)
+@reports_errors
+def api(host: str | None, port: int | None) -> None:
+    """Serve the REST API (/v1) and the developer console (/console) with uvicorn."""
+    from devmeter.service import run_api
+
+    config = settings()
+    updates: dict[str, object] = {}
+    if host:
+        updates["api_host"] = host
+    if port is not None:
+        updates["api_port"] = port
+    run_api(config.model_copy(update=updates) if updates else config)
+
+
+@main.command()
+@reports_errors
+def scheduler() -> None:
+    """Run the scheduler alone: closes due months (and pushes webhooks), until Ctrl-C."""
+    from devmeter.service import run_scheduler
+
+    run_scheduler(settings())
+
+
+@main.command("import")
+@click.option(
+    "--devices",
+    "devices_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV: device_id,account,class,registered_at[,gateway]",
+)
+@click.option(
+    "--events",
+    "events_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV: time,device_id,state[,source]",
+)
+@reports_errors
+def import_(devices_path: Path | None, events_path: Path | None) -> None:
+    """Import device history from another system (all or nothing).
+
+    Registration rows become active events at registered_at. Times are ISO 8601 with an
+    offset. A bad row refuses the whole import with its file, line number and reason.
+    """
+    from metering.importer import import_history
+
+    if devices_path is None and events_path is None:
+        raise click.UsageError("give --devices, --events or both")
+    config = settings()
+    bars: dict[str, Any] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = click.progressbar(
+                length=total, label=f"importing {label}", file=sys.stderr, show_pos=False
+            )
+            bar.__enter__()
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
+            # Reading is done; the write that follows can take as long again.
+            click.echo(f"{label}: read and checked; writing to the database...", err=True)
+
+    try:
+        with transaction(config) as conn:
+            result = import_history(
+                conn, catalog(config), devices=devices_path, events=events_path, progress=progress
+            )
+    finally:
+        for bar in bars.values():
+            if not bar.finished:
+                bar.__exit__(None, None, None)
+    emit(result)
+
+
+def _rate(value: str) -> float:
+    text = value.removesuffix("/s")
+    try:
+        rate = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a rate such as 500/s") from None
+    if not rate >= 0 or rate == float("inf"):
+        raise click.BadParameter(f"{value!r} must be a finite rate >= 0 (0: as fast as possible)")
+    return rate
+
+
+@main.command()
+@click.option("--devices", type=click.IntRange(1, 1_000_000), required=True, help="Fleet size.")
+@click.option(
+    "--rate",
+    "rate_text",
+    default="100/s",
+    show_default=True,
+    help="Messages per second, e.g. 500/s; 0 publishes as fast as the broker acknowledges.",
+)
+@click.option(
+    "--gateways",
+    type=click.IntRange(0, 10_000),
+    default=0,
+    show_default=True,
+    help="Gateways; --gateway-share of the devices are bound to them and reported in batches.",
+)
+@click.option(
+    "--gateway-share",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Share of the devices bound to gateways (when there are gateways).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to run (default: until Ctrl-C).",
+)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many messages.")
+@click.option(
+    "--account",
+    "account_ref",
+    default="sim",
+    show_default=True,
+    help="Account ref (created if missing).",
+)
+@click.option("--class", "device_class", default="lte-m", show_default=True, help="Device class.")
+@click.option(
+    "--prefix", default="sim", show_default=True, help="Device id prefix (ids are reused)."
+)
+@click.option(
+    "--bad-share",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="Share of deliberately bad messages (each kind lands in quarantine).",
+)
+@click.option(
+    "--flip-share",
+    type=click.FloatRange(0, 1),
+    default=0.02,
+    show_default=True,
+    help="Chance that a device changes state at each heartbeat.",
+)
+@click.option("--seed", type=int, help="Random seed, for a reproducible stream.")
+@reports_errors
+def simulate(
+    devices: int,
+    rate_text: str,
+    gateways: int,
+    gateway_share: float,
+    duration: float | None,
+    count: int | None,
+    account_ref: str,
+    device_class: str,
+    prefix: str,
+    bad_share: float,
+    flip_share: float,
+    seed: int | None,
+) -> None:
+    """Publish realistic heartbeats for a simulated fleet (registers the devices first).
+
+    \b
+    Example: devmeter simulate --devices 1000 --gateways 10 --rate 500/s --duration 60
+    Progress goes to stderr every second; a JSON summary to stdout at the end.
+    """
+    import secrets as _secrets
+    import signal
+    import threading
+    import time
+
+    from ingest.simulate import Publisher, Traffic, ensure_account, ensure_fleet, run_traffic
+
+    rate = _rate(rate_text)
+    config = settings()
+    url = config.require_mqtt_url()
+    with transaction(config) as conn:
+        owner_key = ensure_account(conn, catalog(config), account_ref, _now())
+        fleet, new = ensure_fleet(
+            conn,
+            catalog(config),
+            account_ref=account_ref,
+            device_class=device_class,
+            prefix=prefix,
+            devices=devices,
+            gateways=gateways,
+            gateway_share=gateway_share,
+            at=_now(),
+            progress=lambda done, total: click.echo(
+                f"registering devices: {done}/{total}", err=True
+            ),
+        )
+    if owner_key:
+        click.echo(
+            f"created account {account_ref!r}; its owner's API key (shown once, signs in to the "
+            f"console): {owner_key}",
+            err=True,
+        )
+    click.echo(
+        f"fleet {prefix!r} of account {account_ref!r}: {devices} devices, {gateways} gateways "
+        f"({new} newly registered); publishing to {url.split('@')[-1]} at "
+        + (f"{rate:g}/s" if rate else "full speed"),
+        err=True,
+    )
+    traffic = Traffic(fleet, flip_share=flip_share, bad_share=bad_share, seed=seed)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    publisher = Publisher(url, client_id=f"devmeter-sim-{_secrets.token_hex(4)}")
+    started = time.monotonic()
+
+    def report(sent: int, elapsed: float) -> None:
+        click.echo(
+            f"{elapsed:6.1f}s  sent {sent}  acked {publisher.acked}  {sent / elapsed:,.0f} msg/s",
+            err=True,
+        )
+
+    try:
+        result = run_traffic(
+            publisher,
+            traffic,
+            rate=rate,
+            count=count,
+            duration=duration,
+            stop=stop,
+            progress=report,
+        )
+    finally:
+        publisher.close()
+    tally = traffic.tally
+    emit(
+        {
+            "account": account_ref,
+            "devices": devices,
+            "gateways": gateways,
+            "messages": result.published,
+            "acknowledged": result.acked,
+            "heartbeats": tally.heartbeats,
+            "state_flips": tally.flips,
+            "bad_messages": dict(sorted(tally.bad.items())),
+            "seconds": round(time.monotonic() - started, 3),
+            "rate": round(result.published / result.seconds, 1) if result.seconds else 0.0,
+        }
+    )
 
 
 @main.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devmeter.errors import ConfigError
@@ -82,6 +82,47 @@ class Settings(BaseSettings):
         default=None, description="serve Prometheus metrics of `devmeter ingest` on this port"
     )
     ingest_log_interval_s: float = Field(default=10.0, gt=0)
+
+    # Month close and the export to billing.
+    close_grace_minutes: int = Field(
+        default=120,
+        ge=0,
+        le=7 * 24 * 60,
+        description="how long after a month ends (in the account's zone) late heartbeats may "
+        "still arrive before the scheduler closes it",
+    )
+    scheduler_interval_s: int = Field(
+        default=300, ge=1, description="how often the scheduler looks for months to close"
+    )
+    webhook_url: str | None = Field(
+        default=None, description="push each closed statement to this URL (signed, retried)"
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key of the webhook signature"
+    )
+    webhook_max_attempts: int = Field(default=12, ge=1, le=100)
+
+    # API and console.
+    console_secret: SecretStr | None = Field(
+        default=None,
+        description="key of the console's CSRF tokens; set it when several API processes serve "
+        "one console (default: random per process)",
+    )
+    api_host: str = Field(default="127.0.0.1", description="address `devmeter api`/`up` serve on")
+    api_port: int = Field(default=8000, ge=0, le=65535, description="0: any free port")
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token of the operator endpoints under /v1/admin/; required outside "
+        "development",
+    )
+
+    @field_validator("console_secret", "admin_token")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short or sample value would be guessable; refuse it rather than run with it.
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (use a random value)")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -32,3 +32,9 @@ class ConflictError(DevmeterError):
 
 class ForbiddenError(DevmeterError):
     status_code = 403
+
+
+class UnauthorizedError(DevmeterError):
+    """No credentials, or credentials that match nothing (or were revoked)."""
+
+    status_code = 401

@@ -8,12 +8,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from devmeter.config import RUNTIME_FILE, Settings
+from devmeter.errors import ConfigError
 
 if TYPE_CHECKING:
     from ingest.worker import IngestOptions
@@ -23,7 +25,7 @@ log = logging.getLogger("devmeter.up")
 
 def _say(message: str) -> None:
     # A person reads these lines, and starts from them: they go to stderr, unbuffered.
-    sys.stderr.write(f"devmeter up: {message}\n")
+    sys.stderr.write(f"devmeter: {message}\n")
     sys.stderr.flush()
 
 
@@ -73,6 +75,8 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
 
         worker_thread = _start_ingest(config, database_url, mqtt_url, stop)
         stack.callback(worker_thread.join, 30)
+        _start_scheduler(config, database_url, stack)
+        _start_api(config, database_url, mqtt_url, stack)
 
         runtime = data_dir / RUNTIME_FILE
         _write_runtime(
@@ -83,6 +87,93 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         _say("press Ctrl-C to stop")
         stop.wait()
     _say("stopped")
+
+
+def _start_scheduler(config: Settings, database_url: str, stack: ExitStack) -> None:
+    from metering.catalog import load_catalog
+    from metering.scheduler import build_scheduler
+
+    scheduler = build_scheduler(config, load_catalog(config.catalog), database_url)
+    scheduler.start()
+    stack.callback(scheduler.shutdown, wait=False)
+    _say(
+        f"scheduler started: closes each account's month {config.close_grace_minutes} min after "
+        f"it ends in the account's time zone (checked every {config.scheduler_interval_s} s)"
+        + (f"; pushes statements to {config.webhook_url}" if config.webhook_url else "")
+    )
+
+
+def _with_admin_token(config: Settings) -> Settings:
+    """In development, an operator token made up for this run (shown once) when none is set."""
+    if config.admin_token is not None or config.env != "development":
+        return config
+    import secrets
+
+    from pydantic import SecretStr
+
+    token = "dmo_" + secrets.token_urlsafe(24)
+    _say(f"no DEVMETER_ADMIN_TOKEN: operator token for this run (shown once): {token}")
+    return config.model_copy(update={"admin_token": SecretStr(token)})
+
+
+def _start_api(config: Settings, database_url: str, mqtt_url: str | None, stack: ExitStack) -> str:
+    import uvicorn
+
+    from api.app import create_app
+
+    app = create_app(_with_admin_token(config), database_url=database_url, mqtt_url=mqtt_url)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.api_host,
+            port=config.api_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+        )
+    )
+    # uvicorn installs signal handlers only on the main thread; here the caller owns signals.
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ConfigError(
+                f"the API could not start on {config.api_host}:{config.api_port} "
+                "(port in use? set DEVMETER_API_PORT)"
+            )
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = f"http://{config.api_host}:{port}"
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    stack.callback(stop)
+    _say(f"API at {base}/v1 (OpenAPI: {base}/docs); console at {base}/console")
+    return base
+
+
+def run_api(config: Settings) -> None:
+    """``devmeter api``: the REST API and console alone, against configured servers."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    _install_signals(stop)
+    with ExitStack() as stack:
+        mqtt_url = config.mqtt_url or config.runtime.get("mqtt_url")
+        _start_api(config, config.require_database_url(), mqtt_url, stack)
+        stop.wait()
+
+
+def run_scheduler(config: Settings) -> None:
+    """``devmeter scheduler``: month close (and webhooks) alone, against a configured database."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    _install_signals(stop)
+    with ExitStack() as stack:
+        _start_scheduler(config, config.require_database_url(), stack)
+        stop.wait()
 
 
 def ingest_options(config: Settings) -> IngestOptions:
@@ -111,7 +202,7 @@ def _start_ingest(
         start_http_server(config.ingest_metrics_port, registry=worker.metrics.registry)
     thread = threading.Thread(target=worker.run, args=(stop,), name="ingest", daemon=True)
     thread.start()
-    _say(f"ingest worker subscribed as {config.ingest_client_id!r}")
+    _say(f"ingest worker started, MQTT client id {config.ingest_client_id!r}")
     return thread
 
 

@@ -120,13 +120,18 @@ class IngestWorker:
         except queue.Empty:
             return []
         batch = [first]
-        deadline = time.monotonic() + self.options.batch_age_s
+        # The age limit counts from when the first message arrived, not from when it was
+        # dequeued: one that waited out the previous write must not wait a full age again.
+        # Past the limit, what is already queued still goes in (no waiting for more).
+        waited = (datetime.now(UTC) - first.received_at).total_seconds()
+        deadline = time.monotonic() + max(0.0, self.options.batch_age_s - waited)
         while len(batch) < self.options.batch_size and not stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                batch.append(self.inbox.get(timeout=remaining))
+                if remaining > 0:
+                    batch.append(self.inbox.get(timeout=remaining))
+                else:
+                    batch.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
         return batch

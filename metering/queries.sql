@@ -61,3 +61,22 @@ SELECT time, state, source, seq, received_at
 FROM device_state_events
 WHERE device_id = %(device_id)s
 ORDER BY time, id;
+
+-- name: search_devices
+SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+FROM devices d JOIN accounts a ON a.id = d.account_id
+WHERE d.account_id = %(account_id)s
+  AND (%(state)s::text IS NULL OR d.state = %(state)s)
+  AND (%(device_class)s::text IS NULL OR d.device_class = %(device_class)s)
+  AND (%(gateway_id)s::text IS NULL OR d.gateway_id = %(gateway_id)s)
+  AND (%(pattern)s::text IS NULL OR d.id ILIKE %(pattern)s OR d.name ILIKE %(pattern)s)
+  AND (%(after)s::text IS NULL OR d.id > %(after)s)
+ORDER BY d.id
+LIMIT %(limit)s;
+
+-- name: select_device
+SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+FROM devices d JOIN accounts a ON a.id = d.account_id
+WHERE d.id = %(id)s AND d.account_id = %(account_id)s;

@@ -184,6 +184,7 @@ def register_device(
 ) -> RegisteredDevice:
     """Register a device Active at ``at`` (D1): billing counts it from that instant."""
     _require_aware(at)
+    _refuse_nul(name=name, gateway=gateway_id, id=device_id, **{"class": device_class})
     account = get_account(conn, account_ref)
     _require_not_suspended(account)
     classes = catalog.plans[account.plan].classes
@@ -271,6 +272,52 @@ def list_devices(conn: Conn, account_ref: str) -> list[Device]:
         return cur.execute(Q["select_devices_of_account"], {"account_id": account.id}).fetchall()
 
 
+def search_devices(
+    conn: Conn,
+    account_id: int,
+    *,
+    state: str | None = None,
+    device_class: str | None = None,
+    gateway_id: str | None = None,
+    text: str | None = None,
+    after: str | None = None,
+    limit: int = 50,
+) -> list[Device]:
+    """One page of an account's devices in id order; ``after`` is the last id of the previous
+    page (keyset paging: stable while devices are added, and no OFFSET scan)."""
+    _refuse_nul(state=state, gateway=gateway_id, text=text, after=after, **{"class": device_class})
+    pattern = None
+    if text:
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+    with conn.cursor(row_factory=class_row(Device)) as cur:
+        return cur.execute(
+            Q["search_devices"],
+            {
+                "account_id": account_id,
+                "state": state,
+                "device_class": device_class,
+                "gateway_id": gateway_id,
+                "pattern": pattern,
+                "after": after,
+                "limit": limit,
+            },
+        ).fetchall()
+
+
+def get_device(conn: Conn, device_id: str, account_id: int) -> Device:
+    """A device of this account; another account's device is "unknown", never "forbidden"."""
+    if "\x00" in device_id:
+        raise NotFoundError(f"unknown device {device_id!r}", field="device_id")
+    with conn.cursor(row_factory=class_row(Device)) as cur:
+        device = cur.execute(
+            Q["select_device"], {"id": device_id, "account_id": account_id}
+        ).fetchone()
+    if device is None:
+        raise NotFoundError(f"unknown device {device_id!r}", field="device_id")
+    return device
+
+
 def device_events(conn: Conn, device_id: str, account_id: int | None = None) -> list[StateEvent]:
     _lock_device(conn, device_id, account_id, field="device")
     with conn.cursor(row_factory=class_row(StateEvent)) as cur:
@@ -300,7 +347,16 @@ def _insert_event(
     conn.execute(Q["update_device_state"], params)
 
 
+def _refuse_nul(**values: str | None) -> None:
+    # PostgreSQL text cannot hold U+0000: refuse it as the caller's mistake, not a server error.
+    for field, value in values.items():
+        if value is not None and "\x00" in value:
+            raise InvalidError(f"{field} must not contain NUL (U+0000)", field=field)
+
+
 def _lock_device(conn: Conn, device_id: str, account_id: int | None, *, field: str) -> Device:
+    if "\x00" in device_id:
+        raise NotFoundError(f"unknown device {device_id!r}", field=field)
     with conn.cursor(row_factory=class_row(Device)) as cur:
         device = cur.execute(Q["select_device_for_update"], {"id": device_id}).fetchone()
     if device is None or (account_id is not None and device.account_id != account_id):

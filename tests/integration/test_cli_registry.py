@@ -316,3 +316,29 @@ def test_bad_catalog_is_refused_with_file_and_key(cli: Cli, tmp_path: object) ->
     assert result.code == 2
     assert str(bad) in result.stderr
     assert "plans.x.classes.a.mode" in result.stderr
+
+
+def test_nul_characters_are_refused_not_a_server_error(database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from devmeter.db import connect
+    from devmeter.errors import InvalidError, NotFoundError
+    from metering.catalog import load_catalog
+    from metering.registry import get_device, register_device, search_devices
+    from tests.conftest import seed_fleet
+
+    seed_fleet(database_url, [], datetime(2026, 10, 1, tzinfo=UTC))
+    with connect(database_url) as conn:
+        with pytest.raises(InvalidError, match="name must not contain NUL"):
+            register_device(
+                conn,
+                load_catalog(),
+                account_ref="acme",
+                device_class="lte-m",
+                at=datetime.now(UTC),
+                name="a\x00b",
+            )
+        with pytest.raises(InvalidError, match="text must not contain NUL"):
+            search_devices(conn, 1, text="\x00")
+        with pytest.raises(NotFoundError):
+            get_device(conn, "d\x00", 1)

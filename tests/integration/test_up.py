@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
                 **cli_env,
                 "DEVMETER_INGEST_SHARE_GROUP": "",
                 "DEVMETER_INGEST_CLIENT_ID": "up-test",
+                "DEVMETER_API_PORT": "0",
             },
             cwd=tmp_path,
             stdout=log,
@@ -44,6 +47,19 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
         assert "started embedded PostgreSQL" in text
         assert "broker at mqtt://127.0.0.1:" in text
         assert "storage mode plain" in text
+        assert "scheduler started" in text
+        token = re.search(r"operator token for this run \(shown once\): (dmo_\S+)", text)
+        assert token, text
+        console = re.search(r"console at (http://127\.0\.0\.1:\d+)/console", text)
+        assert console, text
+        base = console.group(1)
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as response:
+            assert json.loads(response.read())["checks"] == {"database": "ok", "broker": "ok"}
+        request = urllib.request.Request(
+            f"{base}/v1/admin/accounts", headers={"Authorization": f"Bearer {token.group(1)}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read()) == []
 
         cli = Cli(cli_env, tmp_path)
         _create_acme(cli)

@@ -1,0 +1,92 @@
+"""The devmeter web application: the REST API under /v1 and the console under /console."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from api import problems
+from api.deps import AppState
+from api.metrics import measure
+from api.routes import admin, devices, health, members, usage
+from devmeter.config import Settings
+from devmeter.db import APPLICATION_NAME
+from metering.catalog import load_catalog
+
+DESCRIPTION = """\
+Metering of active IoT devices, priced by plan tiers.
+
+Authenticate with `Authorization: Bearer <api key>`. A key belongs to one member of one
+account and carries its role (owner, manager, developer). Errors are RFC 9457 problem
+details (`application/problem+json`) naming the field at fault. Operator endpoints under
+`/v1/admin` take the operator token instead.
+"""
+
+
+def create_app(
+    config: Settings | None = None,
+    *,
+    database_url: str | None = None,
+    mqtt_url: str | None = None,
+    console: bool = True,
+) -> FastAPI:
+    config = config or Settings()
+    url = database_url or config.require_database_url()
+    broker = mqtt_url or config.mqtt_url or config.runtime.get("mqtt_url")
+    catalog = load_catalog(config.catalog)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool: ConnectionPool[Any] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=10,
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "application_name": APPLICATION_NAME,
+                "options": "-c timezone=UTC",
+            },
+            open=False,
+            name="devmeter-api",
+            # Fail a request fast (503) rather than hold it while the database is away.
+            timeout=5,
+        )
+        pool.open(wait=False)
+        app.state.devmeter = AppState(config, catalog, pool, url, broker)
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="devmeter",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # Any endpoint that reads the database can find it down.
+        responses=problems.responses(503),
+    )
+    problems.install(app)
+    app.middleware("http")(measure)
+    for module in (devices, usage, members, admin, health):
+        app.include_router(module.router)
+    if console:
+        from console.app import mount
+
+        mount(app)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("devmeter")
+    except PackageNotFoundError:
+        return "0"

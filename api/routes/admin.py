@@ -1,0 +1,117 @@
+"""Operator endpoints (``/v1/admin``), behind the operator token, not an account's API key."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, Response
+from psycopg.rows import class_row
+
+from api.deps import DB, State, operator
+from api.problems import responses
+from api.schemas import AccountCreated, AccountIn, AccountOut, CloseIn, CloseOut
+from devmeter.db import connect
+from metering.export import export_month
+from metering.registry import Account, create_account
+from metering.statements import close_month
+
+router = APIRouter(prefix="/v1/admin", tags=["operator"], dependencies=[Depends(operator)])
+
+
+@router.post(
+    "/accounts",
+    status_code=201,
+    response_model=AccountCreated,
+    responses=responses(400, 401, 409, 422),
+    summary="Create an account with its owner; the owner's API key is in this response only",
+)
+def add_account(body: AccountIn, conn: DB, app: State) -> JSONResponse:
+    with conn.transaction():
+        created = create_account(
+            conn,
+            app.catalog,
+            ref=body.ref,
+            name=body.name,
+            plan=body.plan,
+            country=body.country,
+            timezone=body.timezone or app.config.timezone,
+            signed_up_on=body.signed_up_on or datetime.now(UTC).date(),
+            owner_name=body.owner_name,
+            owner_email=body.owner_email,
+        )
+    a = created.account
+    out = AccountCreated(
+        **AccountOut(**{f: getattr(a, f) for f in AccountOut.model_fields}).model_dump(),
+        owner_member_id=created.owner_member_id,
+        owner_key=created.api_key,
+    )
+    return JSONResponse(
+        out.model_dump(mode="json"), status_code=201, headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.get(
+    "/accounts", response_model=list[AccountOut], responses=responses(401), summary="All accounts"
+)
+def accounts(conn: DB) -> list[AccountOut]:
+    with conn.cursor(row_factory=class_row(Account)) as cur:
+        rows = cur.execute("SELECT * FROM accounts ORDER BY ref").fetchall()
+    return [AccountOut(**{f: getattr(a, f) for f in AccountOut.model_fields}) for a in rows]
+
+
+@router.post(
+    "/close",
+    response_model=CloseOut,
+    responses=responses(400, 401, 404, 409, 422),
+    summary="Close a month for all accounts or one (idempotent)",
+)
+def close(body: CloseIn, app: State) -> CloseOut:
+    config = app.config
+    url = app.database_url
+    report = close_month(
+        lambda: connect(url),
+        app.catalog,
+        body.month,
+        now=datetime.now(UTC),
+        account_ref=body.account,
+        grace=timedelta(minutes=config.close_grace_minutes),
+    )
+    return CloseOut(
+        month=report.month,
+        closed=report.closed,
+        already_closed=report.already_closed,
+        not_due=report.not_due,
+        not_applicable=report.not_applicable,
+        failed=report.failed,
+        seconds=report.seconds,
+    )
+
+
+@router.get(
+    "/exports/{month}",
+    responses={
+        200: {
+            "description": "The export file (same month, same bytes)",
+            "content": {"text/csv": {}, "application/x-ndjson": {}},
+        },
+        **responses(401, 404, 422),
+    },
+    response_class=Response,
+    summary="Download a closed month's export for billing",
+)
+def download_export(
+    month: str, conn: DB, format: Annotated[Literal["csv", "jsonl"], Query()] = "csv"
+) -> Response:
+    result = export_month(conn, month, format)
+    return Response(
+        result.body,
+        media_type=result.media_type,
+        headers={
+            "Content-Disposition": f'attachment; filename="{result.filename}"',
+            "X-Devmeter-Export-Id": result.export_id,
+            "X-Devmeter-Checksum": f"sha256={result.sha256}",
+            "ETag": f'"{result.sha256}"',
+        },
+    )

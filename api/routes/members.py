@@ -1,0 +1,77 @@
+"""Members of the caller's account and their API keys (SPEC A1)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse
+
+from api.deps import DB, allowed
+from api.problems import responses
+from api.schemas import KeyOut, MemberCreated, MemberIn, MemberOut
+from metering.access import Principal, create_member, list_members, revoke_key
+
+router = APIRouter(prefix="/v1/members", tags=["members"])
+
+Owner = Annotated[Principal, Depends(allowed("members:write"))]
+Viewer = Annotated[Principal, Depends(allowed("members:read"))]
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=MemberCreated,
+    responses=responses(400, 401, 403, 409, 422),
+    summary="Add a manager or developer (owner only); their API key is in this response only",
+)
+def add_member(body: MemberIn, caller: Owner, conn: DB) -> JSONResponse:
+    with conn.transaction():
+        new = create_member(
+            conn, caller.account_id, name=body.name, role=body.role, email=body.email
+        )
+    out = MemberCreated(
+        id=new.member.id, name=new.member.name, role=new.member.role, key_id=new.key_id, key=new.key
+    )
+    return JSONResponse(
+        out.model_dump(mode="json"), status_code=201, headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.get(
+    "",
+    response_model=list[MemberOut],
+    responses=responses(401, 403),
+    summary="Members and their keys (prefixes only)",
+)
+def members(caller: Viewer, conn: DB) -> list[MemberOut]:
+    return [
+        MemberOut(
+            id=m.id,
+            name=m.name,
+            email=m.email,
+            role=m.role,
+            created_at=m.created_at,
+            keys=[
+                KeyOut(id=k.id, prefix=k.prefix, created_at=k.created_at, revoked_at=k.revoked_at)
+                for k in keys
+            ],
+        )
+        for m, keys in list_members(conn, caller.account_id)
+    ]
+
+
+@router.delete(
+    "/{member_id}/keys/{key_id}",
+    response_model=KeyOut,
+    responses=responses(401, 403, 404, 409, 422),
+    summary="Revoke an API key (owner only; idempotent)",
+)
+def revoke(member_id: Id, key_id: Id, caller: Owner, conn: DB) -> KeyOut:
+    with conn.transaction():
+        key = revoke_key(conn, caller.account_id, member_id, key_id, datetime.now(UTC))
+    return KeyOut(
+        id=key.id, prefix=key.prefix, created_at=key.created_at, revoked_at=key.revoked_at
+    )

@@ -1,0 +1,177 @@
+"""Usage and statements of the caller's account (SPEC M2, M5, C1)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from api.deps import DB, State, allowed
+from api.problems import responses
+from api.schemas import (
+    ClassUsage,
+    DailyUsageOut,
+    DayClass,
+    DayOut,
+    LineOut,
+    StatementOut,
+    StatementSummary,
+    UsageOut,
+)
+from metering.access import Principal
+from metering.catalog import Catalog
+from metering.daily import daily_usage, load_events
+from metering.peak import ClassPeak, month_bounds
+from metering.pricing import format_money, price_class
+from metering.statements import (
+    Statement,
+    current_month,
+    get_statement,
+    get_usage,
+    list_statements,
+)
+
+router = APIRouter(prefix="/v1", tags=["usage"])
+
+UsageReader = Annotated[Principal, Depends(allowed("usage:read"))]
+StatementReader = Annotated[Principal, Depends(allowed("statements:read"))]
+Month = Annotated[
+    str | None,
+    Query(pattern=r"^\d{4}-\d{2}$", description="YYYY-MM in the account's time zone; default: now"),
+]
+
+
+def priced_classes(
+    catalog: Catalog, plan_name: str, peaks: dict[str, ClassPeak]
+) -> tuple[str, dict[str, ClassUsage]]:
+    plan = catalog.plans.get(plan_name)
+    currency = plan.currency if plan else ""
+    out: dict[str, ClassUsage] = {}
+    for cls, peak in peaks.items():
+        amount = None
+        if plan is not None and cls in plan.classes:
+            lines = price_class(cls, plan.classes[cls], peak.peak, plan.currency)
+            amount = format_money(sum((x.amount for x in lines), Decimal(0)), plan.currency)
+        out[cls] = ClassUsage(peak=peak.peak, peak_at=peak.peak_at, amount=amount)
+    return currency, out
+
+
+@router.get(
+    "/usage",
+    response_model=UsageOut,
+    responses=responses(401, 403, 422),
+    summary="Peak active devices per class of a month (preliminary while the month is open)",
+)
+def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> UsageOut:
+    month = month or current_month(caller.timezone, datetime.now(UTC))
+    result = get_usage(conn, caller.account_ref, month, now=datetime.now(UTC))
+    currency, classes = priced_classes(app.catalog, caller.plan, result.classes)
+    return UsageOut(
+        account=result.account,
+        month=result.month,
+        status=result.status,
+        currency=currency,
+        period_start=result.period_start,
+        period_end=result.period_end,
+        classes=classes,
+    )
+
+
+@router.get(
+    "/usage/daily",
+    response_model=DailyUsageOut,
+    responses=responses(401, 403, 422),
+    summary="Per day of a month: peak and end-of-day active devices per class (for charts)",
+)
+def usage_daily(caller: UsageReader, conn: DB, app: State, month: Month = None) -> DailyUsageOut:
+    now = datetime.now(UTC)
+    month = month or current_month(caller.timezone, now)
+    result = get_usage(conn, caller.account_ref, month, now=now)
+    start, end = month_bounds(month, caller.timezone)
+    days = daily_usage(
+        load_events(conn, caller.account_id, start, end), start, end, caller.timezone, until=now
+    )
+    _, peak = priced_classes(app.catalog, caller.plan, result.classes)
+    return DailyUsageOut(
+        account=caller.account_ref,
+        month=month,
+        status=result.status,
+        timezone=caller.timezone,
+        days=[
+            DayOut(
+                date=d.day,
+                classes={c: DayClass(peak=p, end_of_day=e) for c, (p, e) in d.classes.items()},
+            )
+            for d in days
+        ],
+        peak=peak,
+    )
+
+
+def statement_out(s: Statement) -> StatementOut:
+    cur = s.currency
+    return StatementOut(
+        account=s.account,
+        month=s.month,
+        status=s.status,
+        plan=s.plan,
+        currency=cur,
+        period_start=s.period_start,
+        period_end=s.period_end,
+        lines=[
+            LineOut.model_validate(
+                {
+                    "kind": x.kind,
+                    "class": x.device_class,
+                    "description": x.description,
+                    "quantity": x.quantity,
+                    "unit_price": format_money(x.unit_price, cur),
+                    "amount": format_money(x.amount, cur),
+                    "tier": x.tier,
+                }
+            )
+            for x in s.lines
+        ],
+        subtotal=format_money(s.subtotal, cur),
+        tax=format_money(s.tax, cur),
+        credits_applied=format_money(s.credits_applied, cur),
+        amount_due=format_money(s.amount_due, cur),
+        due_date=s.due_date,
+        closed_at=s.closed_at,
+        usage={c: ClassUsage(peak=p.peak, peak_at=p.peak_at) for c, p in s.peaks.items()},
+    )
+
+
+@router.get(
+    "/statements",
+    response_model=list[StatementSummary],
+    responses=responses(401, 403),
+    summary="The account's final statements, newest first",
+)
+def statements(caller: StatementReader, conn: DB) -> list[StatementSummary]:
+    return [
+        StatementSummary(
+            month=s.month,
+            status="final",
+            currency=s.currency,
+            subtotal=format_money(s.subtotal, s.currency),
+            amount_due=format_money(s.amount_due, s.currency),
+            due_date=s.due_date,
+            closed_at=s.closed_at,
+        )
+        for s in list_statements(conn, caller.account_ref)
+    ]
+
+
+@router.get(
+    "/statements/{month}",
+    response_model=StatementOut,
+    responses=responses(401, 403, 422),
+    summary="A month's statement: final once closed, else preliminary",
+)
+def statement(month: str, caller: StatementReader, conn: DB, app: State) -> StatementOut:
+    return statement_out(
+        get_statement(conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC))
+    )

@@ -1,0 +1,231 @@
+"""Request and response bodies of the REST API (what /openapi.json documents)."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+State = Literal["active", "inactive"]
+
+# PostgreSQL text cannot hold NUL (U+0000). Free text that reaches the database unchecked
+# carries this pattern, so a NUL is a 422 naming the field, not a 500 from the driver.
+NO_NUL = r"^[^\x00]*$"
+
+
+def _full_date(value: object) -> object:
+    # The document promises a full-date string; left alone, pydantic would also take a Unix
+    # timestamp (0 -> 1970-01-01) or a datetime string.
+    if isinstance(value, date) or (
+        isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value)
+    ):
+        return value
+    raise ValueError("expected a date as YYYY-MM-DD")
+
+
+InputDate = Annotated[date, BeforeValidator(_full_date)]
+
+
+class DeviceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    device_class: str = Field(alias="class", min_length=1, max_length=64, examples=["lte-m"])
+    id: str | None = Field(
+        default=None, min_length=1, max_length=64, description="default: generated"
+    )
+    name: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
+    gateway_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=NO_NUL)
+
+
+class DeviceOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    device_class: str = Field(alias="class")
+    name: str | None
+    gateway_id: str | None
+    state: State
+    state_at: datetime
+    registered_at: datetime
+    last_seen_at: datetime | None
+    key_prefix: str = Field(description="the first characters of the device key")
+
+
+class DeviceCreated(DeviceOut):
+    key: str = Field(description="the device key, shown this once: store it on the device")
+
+
+class DevicePage(BaseModel):
+    items: list[DeviceOut]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null at the end"
+    )
+
+
+class StateEventOut(BaseModel):
+    time: datetime
+    state: State
+    source: str
+    seq: int | None
+    received_at: datetime
+
+
+class ClassUsage(BaseModel):
+    peak: int
+    peak_at: datetime
+    amount: str | None = Field(
+        default=None, description="what this peak costs on the account's plan (exact decimal)"
+    )
+
+
+class UsageOut(BaseModel):
+    account: str
+    month: str
+    status: Literal["preliminary", "final"]
+    currency: str
+    period_start: datetime
+    period_end: datetime
+    classes: dict[str, ClassUsage]
+
+
+class DayClass(BaseModel):
+    peak: int
+    end_of_day: int
+
+
+class DayOut(BaseModel):
+    date: date
+    classes: dict[str, DayClass]
+
+
+class DailyUsageOut(BaseModel):
+    account: str
+    month: str
+    status: Literal["preliminary", "final"]
+    timezone: str
+    days: list[DayOut]
+    peak: dict[str, ClassUsage]
+
+
+class LineOut(BaseModel):
+    kind: str
+    device_class: str | None = Field(alias="class")
+    description: str
+    quantity: int
+    unit_price: str
+    amount: str
+    tier: int | None
+
+
+class StatementOut(BaseModel):
+    account: str
+    month: str
+    status: Literal["preliminary", "final"]
+    plan: str
+    currency: str
+    period_start: datetime
+    period_end: datetime
+    lines: list[LineOut]
+    subtotal: str
+    tax: str
+    credits_applied: str
+    amount_due: str
+    due_date: date
+    closed_at: datetime | None
+    usage: dict[str, ClassUsage]
+
+
+class StatementSummary(BaseModel):
+    month: str
+    status: Literal["final"]
+    currency: str
+    subtotal: str
+    amount_due: str
+    due_date: date
+    closed_at: datetime
+
+
+class MemberIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    role: Literal["manager", "developer"]
+    email: str | None = Field(default=None, max_length=254)
+
+
+class KeyOut(BaseModel):
+    id: int
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class MemberOut(BaseModel):
+    id: int
+    name: str
+    email: str | None
+    role: str
+    created_at: datetime
+    keys: list[KeyOut]
+
+
+class MemberCreated(BaseModel):
+    id: int
+    name: str
+    role: str
+    key_id: int
+    key: str = Field(description="the member's API key, shown this once")
+
+
+class AccountIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(min_length=1, max_length=63, examples=["acme"])
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    plan: str = Field(min_length=1, max_length=100, examples=["standard"])
+    country: str = Field(min_length=2, max_length=2, examples=["JP"])
+    timezone: str | None = Field(default=None, max_length=100, examples=["Asia/Tokyo"])
+    signed_up_on: InputDate | None = None
+    owner_name: str = Field(default="owner", min_length=1, max_length=200, pattern=NO_NUL)
+    owner_email: str | None = Field(default=None, max_length=254, pattern=NO_NUL)
+
+
+class AccountOut(BaseModel):
+    id: int
+    ref: str
+    name: str
+    plan: str
+    country: str
+    timezone: str
+    signed_up_on: date
+    status: str
+    created_at: datetime
+
+
+class AccountCreated(AccountOut):
+    owner_member_id: int
+    owner_key: str = Field(description="the owner's API key, shown this once")
+
+
+class CloseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    month: str = Field(pattern=r"^\d{4}-\d{2}$", examples=["2026-10"])
+    account: str | None = Field(default=None, max_length=63, pattern=NO_NUL)
+
+
+class CloseOut(BaseModel):
+    month: str
+    closed: list[str]
+    already_closed: list[str]
+    not_due: list[str]
+    not_applicable: list[str]
+    failed: dict[str, str]
+    seconds: float
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

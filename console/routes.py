@@ -1,0 +1,750 @@
+"""The console's pages under /console: sign-in, devices, usage with its tier what-if, statements.
+
+Pages call the same metering functions as the REST API (api/routes), never the API over
+HTTP. Every parameter arrives as a plain string and is checked here, so a bad query or form
+gets an HTML page rather than the API's JSON 422. Every POST needs the session's CSRF token
+(form field or ``X-CSRF-Token`` header); without it the request is refused before anything
+is read or written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, Protocol, cast
+from urllib.parse import urlencode
+
+import psycopg
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from psycopg_pool import ConnectionPool
+
+from console import security
+from console.security import CsrfError, Secret, Session, SignInRequiredError
+from console.views import (
+    Chart,
+    display_money,
+    local_time,
+    month_days,
+    next_month,
+    previous_month,
+    short_day,
+    usage_chart,
+)
+from devmeter.errors import DevmeterError, InvalidError
+from metering.access import Principal, authenticate
+from metering.catalog import Catalog, Plan
+from metering.daily import daily_usage, load_events
+from metering.peak import month_bounds
+from metering.pricing import format_money, price_class
+from metering.registry import (
+    DEVICE_ID,
+    device_events,
+    get_device,
+    register_device,
+    search_devices,
+    set_device_state,
+)
+from metering.statements import current_month, get_statement, get_usage, list_statements
+from metering.whatif import WhatIf, class_amount, what_if
+
+log = logging.getLogger("devmeter.console")
+
+Conn = psycopg.Connection[Any]
+
+HERE: Final = Path(__file__).resolve().parent
+STATIC_DIR: Final = HERE / "static"
+#: The header the console's script sends when it wants a fragment back instead of a page.
+FRAGMENT_HEADER: Final = "X-Console-Fragment"
+PAGE_SIZE: Final = 25
+
+TEMPLATES: Final = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+
+# --- plumbing ----------------------------------------------------------------------------
+
+
+class _AppState(Protocol):
+    """The part of api.deps.AppState the console uses (the console does not import api)."""
+
+    @property
+    def config(self) -> object: ...
+    @property
+    def catalog(self) -> Catalog: ...
+    @property
+    def pool(self) -> ConnectionPool[Any]: ...
+
+
+def _app_state(request: Request) -> _AppState:
+    return cast(_AppState, request.app.state.devmeter)
+
+
+def _secret(request: Request) -> Secret:
+    fallback: Secret = request.app.state.console_secret
+    return security.configured_secret(_app_state(request).config, fallback)
+
+
+def db(request: Request) -> Iterator[Conn]:
+    """A pooled autocommit connection: writes open their own ``conn.transaction()``."""
+    with _app_state(request).pool.connection() as conn:
+        yield conn
+
+
+DB = Annotated[Conn, Depends(db)]
+
+
+def signed_in(request: Request, conn: DB) -> Session:
+    key = request.cookies.get(security.COOKIE)
+    principal = authenticate(conn, key) if key else None
+    if principal is None or key is None:
+        raise SignInRequiredError(clear_cookie=key is not None)
+    return Session(principal, security.csrf_token(_secret(request), key))
+
+
+Signed = Annotated[Session, Depends(signed_in)]
+
+
+def checked(request: Request, session: Signed, csrf_token: Annotated[str, Form()] = "") -> Session:
+    """The session, if the request carries its CSRF token; else CsrfError (403)."""
+    sent = request.headers.get(security.CSRF_HEADER) or csrf_token
+    if not security.tokens_match(sent, session.csrf_token):
+        raise CsrfError
+    return session
+
+
+Checked = Annotated[Session, Depends(checked)]
+
+
+def wants_fragment(request: Request) -> bool:
+    return request.headers.get(FRAGMENT_HEADER) == "row"
+
+
+def render(
+    template: str,
+    session: Session | None,
+    *,
+    status: int = 200,
+    section: str = "",
+    title: str = "",
+    **context: Any,
+) -> HTMLResponse:
+    principal = session.principal if session else None
+    html = TEMPLATES.get_template(template).render(
+        session=session,
+        principal=principal,
+        csrf=session.csrf_token if session else "",
+        section=section,
+        title=title,
+        may_write=bool(principal and principal.may("devices:write")),
+        may_statements=bool(principal and principal.may("statements:read")),
+        tz=principal.timezone if principal else "UTC",
+        local=local_time,
+        money=display_money,
+        plain_money=format_money,
+        short_day=short_day,
+        **context,
+    )
+    return cast(HTMLResponse, security.add_security_headers(HTMLResponse(html, status)))
+
+
+def redirect(url: str) -> Response:
+    return security.add_security_headers(RedirectResponse(url, status_code=303))
+
+
+def error_page(session: Session | None, status: int, heading: str, message: str) -> HTMLResponse:
+    return render(
+        "error.html", session, status=status, title=heading, heading=heading, message=message
+    )
+
+
+def forbidden(session: Session, what: str) -> HTMLResponse:
+    allowed = {
+        "devices:write": "the owner and developers",
+        "statements:read": "managers and the owner",
+    }[what]
+    return error_page(
+        session,
+        403,
+        "Not available for your role",
+        f"You are signed in as a {session.principal.role}. This page is for {allowed} of "
+        f"{session.principal.account_name}.",
+    )
+
+
+# --- exception handlers (installed by console.app.mount) ---------------------------------
+
+
+async def on_sign_in_required(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SignInRequiredError)
+    if wants_fragment(request):
+        response: Response = PlainTextResponse("You are signed out: reload the page.", 401)
+    else:
+        target = security.SIGN_IN_PATH
+        if request.method == "GET":
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            if here != "/console" and security.safe_console_path(here, "") == here:
+                target += "?" + urlencode({"next": here})
+        response = RedirectResponse(target, status_code=303)
+    if exc.clear_cookie:
+        security.clear_session_cookie(response, request)
+    return security.add_security_headers(response)
+
+
+async def on_csrf_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CsrfError)
+    message = (
+        "This form has expired or did not come from the console, so nothing was changed. "
+        "Go back, reload the page and try again."
+    )
+    if wants_fragment(request):
+        return security.add_security_headers(PlainTextResponse(message, 403))
+    return error_page(None, 403, "Request refused", message)
+
+
+# --- sign-in -----------------------------------------------------------------------------
+
+
+@router.get("")
+def home(request: Request) -> Response:
+    if security.COOKIE in request.cookies:
+        return redirect("/console/devices")
+    return redirect(security.SIGN_IN_PATH)
+
+
+def _sign_in_page(
+    request: Request, *, status: int = 200, error: str = "", notice: str = "", next_url: str = ""
+) -> Response:
+    nonce = request.cookies.get(security.SIGN_IN_COOKIE)
+    if not security.valid_nonce(nonce):
+        nonce = security.new_nonce()
+    assert nonce is not None
+    response = render(
+        "sign_in.html",
+        None,
+        status=status,
+        title="Sign in",
+        sign_in_token=security.sign_in_token(_secret(request), nonce),
+        error=error,
+        notice=notice,
+        next_url=security.safe_console_path(next_url, ""),
+    )
+    security.set_sign_in_cookie(response, request, nonce)
+    return response
+
+
+@router.get("/sign-in")
+def sign_in_form(
+    request: Request,
+    conn: DB,
+    next_url: Annotated[str, Query(alias="next")] = "",
+    signed_out: str = "",
+) -> Response:
+    key = request.cookies.get(security.COOKIE)
+    if key and authenticate(conn, key) is not None:
+        return redirect(security.safe_console_path(next_url, "/console/devices"))
+    notice = "You have signed out." if signed_out else ""
+    return _sign_in_page(request, notice=notice, next_url=next_url)
+
+
+@router.post("/sign-in")
+def sign_in(
+    request: Request,
+    conn: DB,
+    key: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+    next_url: Annotated[str, Form(alias="next")] = "",
+) -> Response:
+    nonce = request.cookies.get(security.SIGN_IN_COOKIE)
+    if not security.valid_nonce(nonce) or not security.tokens_match(
+        csrf_token, security.sign_in_token(_secret(request), nonce or "")
+    ):
+        return _sign_in_page(
+            request,
+            status=403,
+            error="The sign-in form expired. Please enter your key again.",
+            next_url=next_url,
+        )
+    principal = authenticate(conn, key.strip()) if key.strip() else None
+    if principal is None:
+        # Never echo the key back, and do not say whether it was unknown or revoked.
+        return _sign_in_page(
+            request,
+            status=401,
+            error="That API key is unknown or has been revoked.",
+            next_url=next_url,
+        )
+    log.info(
+        "console sign-in: account %s member %s (%s)",
+        principal.account_ref,
+        principal.member_id,
+        principal.role,
+    )
+    response = redirect(security.safe_console_path(next_url, "/console/devices"))
+    security.set_session_cookie(response, request, key.strip())
+    security.clear_sign_in_cookie(response, request)
+    return response
+
+
+@router.post("/sign-out", dependencies=[Depends(checked)])
+def sign_out(request: Request) -> Response:
+    response = redirect(security.SIGN_IN_PATH + "?signed_out=1")
+    security.clear_session_cookie(response, request)
+    return response
+
+
+# --- devices -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFilters:
+    q: str
+    state: str
+    device_class: str
+    gateway: str
+
+    def query(self, **extra: str) -> str:
+        params = {
+            "q": self.q,
+            "state": self.state,
+            "class": self.device_class,
+            "gateway": self.gateway,
+            **extra,
+        }
+        return urlencode({k: v for k, v in params.items() if v})
+
+    @property
+    def active(self) -> bool:
+        return bool(self.q or self.state or self.device_class or self.gateway)
+
+
+def _plan(catalog: Catalog, principal: Principal) -> Plan | None:
+    return catalog.plans.get(principal.plan)
+
+
+def _list_url(filters: DeviceFilters, **extra: str) -> str:
+    query = filters.query(**extra)
+    return "/console/devices" + (f"?{query}" if query else "")
+
+
+@router.get("/devices")
+def devices_page(
+    request: Request,
+    conn: DB,
+    session: Signed,
+    q: str = "",
+    state: str = "",
+    device_class: Annotated[str, Query(alias="class")] = "",
+    gateway: str = "",
+    after: str = "",
+    limit: str = "",
+) -> Response:
+    principal = session.principal
+    filters = DeviceFilters(
+        q=q.strip()[:100],
+        state=state if state in ("active", "inactive") else "",
+        device_class=device_class[:64],
+        gateway=gateway if DEVICE_ID.fullmatch(gateway) else "",
+    )
+    after = after if DEVICE_ID.fullmatch(after) else ""
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    digits = limit.isascii() and limit.isdigit() and len(limit) <= 3
+    size = int(limit) if digits and 1 <= int(limit) <= 100 else PAGE_SIZE
+    rows = search_devices(
+        conn,
+        principal.account_id,
+        state=filters.state or None,
+        device_class=filters.device_class or None,
+        gateway_id=filters.gateway or None,
+        text=filters.q or None,
+        after=after or None,
+        limit=size + 1,
+    )
+    more = len(rows) > size
+    rows = rows[:size]
+    extra = {"limit": str(size)} if size != PAGE_SIZE else {}
+    next_url = (
+        "/console/devices?" + filters.query(after=rows[-1].id, **extra) if more and rows else ""
+    )
+    plan = _plan(_app_state(request).catalog, principal)
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return render(
+        "devices.html",
+        session,
+        section="devices",
+        title="Devices",
+        devices=rows,
+        filters=filters,
+        classes=sorted(plan.classes) if plan else [],
+        next_url=next_url,
+        first_url=_list_url(filters, **extra) if after else "",
+        return_to=security.safe_console_path(here, "/console/devices"),
+    )
+
+
+@router.get("/new-device")
+def new_device_form(request: Request, session: Signed) -> Response:
+    if not session.principal.may("devices:write"):
+        return forbidden(session, "devices:write")
+    return _register_page(request, session, values={})
+
+
+def _register_page(
+    request: Request,
+    session: Session,
+    *,
+    values: dict[str, str],
+    error: str = "",
+    error_field: str = "",
+    status: int = 200,
+) -> Response:
+    plan = _plan(_app_state(request).catalog, session.principal)
+    return render(
+        "device_new.html",
+        session,
+        status=status,
+        section="devices",
+        title="Register a device",
+        classes=sorted(plan.classes) if plan else [],
+        values=values,
+        error=error,
+        error_field=error_field,
+    )
+
+
+_FORM_FIELDS: Final = {"class": "device_class", "id": "device_id", "gateway": "gateway_id"}
+
+
+@router.post("/devices")
+def register(
+    request: Request,
+    conn: DB,
+    session: Checked,
+    device_class: Annotated[str, Form(alias="class")] = "",
+    device_id: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "",
+    gateway_id: Annotated[str, Form()] = "",
+) -> Response:
+    principal = session.principal
+    if not principal.may("devices:write"):
+        return forbidden(session, "devices:write")
+    values = {
+        "device_class": device_class,
+        "device_id": device_id,
+        "name": name,
+        "gateway_id": gateway_id,
+    }
+    try:
+        if not device_class:
+            raise InvalidError("choose a device class", field="class")
+        with conn.transaction():
+            created = register_device(
+                conn,
+                _app_state(request).catalog,
+                account_ref=principal.account_ref,
+                device_class=device_class,
+                at=datetime.now(UTC),
+                device_id=device_id.strip() or None,
+                gateway_id=gateway_id.strip() or None,
+                name=name.strip() or None,
+                source="console",
+            )
+    except DevmeterError as exc:
+        return _register_page(
+            request,
+            session,
+            values=values,
+            error=exc.message,
+            error_field=_FORM_FIELDS.get(exc.field or "", exc.field or ""),
+            status=exc.status_code if exc.status_code < 500 else 500,
+        )
+    # The only response that ever holds the key (D1): rendered here, not behind a redirect,
+    # and never cached (render sets Cache-Control: no-store).
+    return render(
+        "device_created.html",
+        session,
+        status=201,
+        section="devices",
+        title="Device registered",
+        device=created.device,
+        device_key=created.key,
+    )
+
+
+@router.get("/devices/{device_id}")
+def device_page(conn: DB, session: Signed, device_id: str) -> Response:
+    principal = session.principal
+    try:
+        with conn.transaction():
+            device = get_device(conn, device_id, principal.account_id)
+            timeline = device_events(conn, device_id, principal.account_id)
+    except DevmeterError:
+        return error_page(session, 404, "No such device", f"There is no device {device_id!r} here.")
+    return render(
+        "device.html",
+        session,
+        section="devices",
+        title=f"Device {device.id}",
+        device=device,
+        timeline=list(reversed(timeline)),
+        return_to=f"/console/devices/{device.id}",
+    )
+
+
+def _toggle(
+    request: Request,
+    conn: Conn,
+    session: Session,
+    device_id: str,
+    state: Literal["active", "inactive"],
+    return_to: str,
+) -> Response:
+    principal = session.principal
+    fragment = wants_fragment(request)
+    if not principal.may("devices:write"):
+        if fragment:
+            return security.add_security_headers(
+                PlainTextResponse(f"A {principal.role} may not change devices.", 403)
+            )
+        return forbidden(session, "devices:write")
+    try:
+        with conn.transaction():
+            device = set_device_state(
+                conn,
+                device_id=device_id,
+                state=state,
+                at=datetime.now(UTC),
+                source="console",
+                account_id=principal.account_id,
+            )
+    except DevmeterError as exc:
+        status = exc.status_code if exc.status_code < 500 else 500
+        message = (
+            f"There is no device {device_id!r} here." if exc.status_code == 404 else exc.message
+        )
+        if fragment:
+            return security.add_security_headers(PlainTextResponse(message, status))
+        return error_page(session, status, "Could not change the device", message)
+    if fragment:
+        return render(
+            "_device_row.html",
+            session,
+            d=device,
+            return_to=security.safe_console_path(return_to, "/console/devices"),
+        )
+    return redirect(security.safe_console_path(return_to, f"/console/devices/{device.id}"))
+
+
+@router.post("/devices/{device_id}/activate")
+def activate(
+    request: Request,
+    conn: DB,
+    session: Checked,
+    device_id: str,
+    return_to: Annotated[str, Form()] = "",
+) -> Response:
+    return _toggle(request, conn, session, device_id, "active", return_to)
+
+
+@router.post("/devices/{device_id}/deactivate")
+def deactivate(
+    request: Request,
+    conn: DB,
+    session: Checked,
+    device_id: str,
+    confirm: Annotated[str, Form()] = "",
+    return_to: Annotated[str, Form()] = "",
+) -> Response:
+    if confirm != "yes":
+        # The no-script path: a second, explicit "Confirm deactivate" click on its own page.
+        try:
+            device = get_device(conn, device_id, session.principal.account_id)
+        except DevmeterError:
+            return error_page(
+                session, 404, "No such device", f"There is no device {device_id!r} here."
+            )
+        return render(
+            "confirm_deactivate.html",
+            session,
+            section="devices",
+            title=f"Deactivate {device.id}?",
+            device=device,
+            return_to=security.safe_console_path(return_to, f"/console/devices/{device.id}"),
+        )
+    return _toggle(request, conn, session, device_id, "inactive", return_to)
+
+
+# --- usage and the tier what-if ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClassUsageView:
+    device_class: str
+    peak: int
+    peak_at: datetime
+    amount: Decimal | None
+    lines: list[str]
+    chart: Chart
+
+
+@dataclass(frozen=True, slots=True)
+class WhatIfView:
+    device_class: str
+    result: WhatIf
+
+
+_ACTIVE_NOW_SQL: Final = """
+SELECT device_class, count(*) AS active
+FROM devices
+WHERE account_id = %(account_id)s AND state = 'active'
+GROUP BY device_class
+"""
+
+
+def active_now(conn: Conn, account_id: int) -> dict[str, int]:
+    """Devices Active now per class: ``devices.state`` follows each device's latest event."""
+    rows = conn.execute(_ACTIVE_NOW_SQL, {"account_id": account_id}).fetchall()
+    return {r["device_class"]: int(r["active"]) for r in rows}
+
+
+@router.get("/usage")
+def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> Response:
+    principal = session.principal
+    now = datetime.now(UTC)
+    current = current_month(principal.timezone, now)
+    chosen = month.strip() or current
+    plan = _plan(_app_state(request).catalog, principal)
+    currency = plan.currency if plan else ""
+    try:
+        usage = get_usage(conn, principal.account_ref, chosen, now=now)
+        start, end = month_bounds(chosen, principal.timezone)
+        days = daily_usage(
+            load_events(conn, principal.account_id, start, end),
+            start,
+            end,
+            principal.timezone,
+            until=now,
+        )
+    except DevmeterError as exc:
+        return render(
+            "usage.html",
+            session,
+            status=exc.status_code if exc.status_code < 500 else 500,
+            section="usage",
+            title="Usage",
+            month=chosen if len(chosen) <= 7 else "",
+            current=current,
+            error=exc.message,
+            usage=None,
+            classes=[],
+            whatifs=_whatifs(conn, principal, plan),
+            currency=currency,
+            previous_url="",
+            next_url="",
+        )
+    first_day, n_days = month_days(start, end, principal.timezone)
+    classes = []
+    for cls, peak in sorted(usage.classes.items()):
+        pricing = plan.classes.get(cls) if plan else None
+        amount = class_amount(cls, pricing, peak.peak, currency) if plan and pricing else None
+        lines = (
+            [
+                f"{x.description} = {display_money(x.amount, currency)}"
+                for x in price_class(cls, pricing, peak.peak, currency)
+            ]
+            if plan and pricing
+            else []
+        )
+        chart = usage_chart(
+            cls, days, first_day, n_days, peak.peak, peak.peak_at, principal.timezone
+        )
+        classes.append(ClassUsageView(cls, peak.peak, peak.peak_at, amount, lines, chart))
+    return render(
+        "usage.html",
+        session,
+        section="usage",
+        title=f"Usage {chosen}",
+        month=chosen,
+        current=current,
+        error="",
+        usage=usage,
+        classes=classes,
+        days=days,
+        whatifs=_whatifs(conn, principal, plan),
+        currency=currency,
+        previous_url="/console/usage?" + urlencode({"month": previous_month(chosen)}),
+        next_url=(
+            "/console/usage?" + urlencode({"month": next_month(chosen)}) if chosen < current else ""
+        ),
+    )
+
+
+def _whatifs(conn: Conn, principal: Principal, plan: Plan | None) -> list[WhatIfView]:
+    if plan is None:
+        return []
+    counts = active_now(conn, principal.account_id)
+    return [
+        WhatIfView(cls, what_if(cls, pricing, counts.get(cls, 0), plan.currency))
+        for cls, pricing in sorted(plan.classes.items())
+    ]
+
+
+# --- statements --------------------------------------------------------------------------
+
+
+@router.get("/statements")
+def statements_page(conn: DB, session: Signed) -> Response:
+    principal = session.principal
+    if not principal.may("statements:read"):
+        return forbidden(session, "statements:read")
+    now = datetime.now(UTC)
+    statements = list_statements(conn, principal.account_ref)
+    return render(
+        "statements.html",
+        session,
+        section="statements",
+        title="Statements",
+        statements=statements,
+        current=current_month(principal.timezone, now),
+    )
+
+
+@router.get("/statements/{month}")
+def statement_page(request: Request, conn: DB, session: Signed, month: str) -> Response:
+    principal = session.principal
+    if not principal.may("statements:read"):
+        return forbidden(session, "statements:read")
+    try:
+        statement = get_statement(
+            conn, _app_state(request).catalog, principal.account_ref, month, now=datetime.now(UTC)
+        )
+    except DevmeterError as exc:
+        status = exc.status_code if exc.status_code < 500 else 500
+        return error_page(session, status, "No statement", exc.message)
+    return render(
+        "statement.html",
+        session,
+        section="statements",
+        title=f"Statement {statement.month}",
+        statement=statement,
+    )
+
+
+# Last, so that it only catches what nothing above matched (static files are a mount).
+@router.get("/{rest:path}")
+def not_found(rest: str) -> Response:
+    if not rest:
+        return redirect("/console")
+    return error_page(None, 404, "Page not found", f"There is no console page /{rest}.")

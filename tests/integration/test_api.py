@@ -1,0 +1,408 @@
+"""The REST API against a real PostgreSQL: every endpoint, error code, role and tenant boundary."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from devmeter.config import Settings
+from devmeter.db import connect
+from metering.access import issue_key
+from tests.integration.test_close import worked_example
+
+ADMIN = {"Authorization": "Bearer op-token-for-tests"}
+
+
+@pytest.fixture
+def client(database_url: str, mqtt_url: str) -> Iterator[TestClient]:
+    config = Settings(admin_token="op-token-for-tests", env="test")  # type: ignore[arg-type]
+    app = create_app(config, database_url=database_url, mqtt_url=mqtt_url, console=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def make_account(client: TestClient, ref: str, plan: str = "standard") -> str:
+    r = client.post(
+        "/v1/admin/accounts",
+        json={"ref": ref, "name": ref.title(), "plan": plan, "country": "JP"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["cache-control"] == "no-store"
+    return str(r.json()["owner_key"])
+
+
+def add_member(client: TestClient, owner: str, role: str) -> tuple[int, int, str]:
+    r = client.post("/v1/members", json={"name": role, "role": role}, headers=bearer(owner))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return body["id"], body["key_id"], body["key"]
+
+
+def assert_problem(r: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status
+    assert body["detail"]
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+def test_device_lifecycle(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    _, _, dev = add_member(client, owner, "developer")
+    h = bearer(dev)
+
+    r = client.post("/v1/devices", json={"class": "lte-m", "id": "d1", "name": "pump 1"}, headers=h)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["key"].startswith("dmk_")
+    assert created["key"].startswith(created["key_prefix"])
+    assert created["state"] == "active"
+    assert r.headers["location"] == "/v1/devices/d1"
+    assert "key" not in client.get("/v1/devices/d1", headers=h).json()
+
+    gw = client.post("/v1/devices", json={"class": "gateway", "id": "gw1"}, headers=h)
+    assert gw.status_code == 201
+    child = client.post("/v1/devices", json={"class": "wifi", "gateway_id": "gw1"}, headers=h)
+    assert child.status_code == 201
+    assert child.json()["id"].startswith("dev-")
+
+    assert_problem(
+        client.post("/v1/devices", json={"class": "lte-m", "id": "d1"}, headers=h), 409, "id"
+    )
+    assert_problem(client.post("/v1/devices", json={"class": "zigbee"}, headers=h), 422, "class")
+    assert_problem(client.post("/v1/devices", json={}, headers=h), 422, "class")
+    assert_problem(
+        client.post("/v1/devices", json={"class": "wifi", "bogus": 1}, headers=h), 422, "bogus"
+    )
+    assert_problem(
+        client.post("/v1/devices", json={"class": "lte-m", "id": "a/b"}, headers=h), 422, "id"
+    )
+    assert_problem(
+        client.post("/v1/devices", json={"class": "wifi", "gateway_id": "d1"}, headers=h),
+        422,
+        "gateway",
+    )
+    assert_problem(
+        client.post("/v1/devices", content=b"{", headers=h | {"content-type": "application/json"}),
+        422,
+    )
+
+    off = client.post("/v1/devices/d1/deactivate", headers=h)
+    assert off.status_code == 200
+    assert off.json()["state"] == "inactive"
+    again = client.post("/v1/devices/d1/deactivate", headers=h)
+    assert again.json()["state_at"] == off.json()["state_at"], "idempotent: no second event"
+    assert client.post("/v1/devices/d1/activate", headers=h).json()["state"] == "active"
+    events = client.get("/v1/devices/d1/events", headers=h).json()
+    assert [(e["state"], e["source"]) for e in events] == [
+        ("active", "api"),
+        ("inactive", "api"),
+        ("active", "api"),
+    ]
+    assert_problem(client.get("/v1/devices/nope", headers=h), 404, "device_id")
+    assert_problem(client.post("/v1/devices/nope/activate", headers=h), 404)
+    assert client.delete("/v1/devices/d1", headers=h).status_code == 405
+
+
+def test_listing_filters_and_cursor_pagination(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    h = bearer(owner)
+    for i in range(7):
+        client.post(
+            "/v1/devices", json={"class": "lte-m", "id": f"m{i}", "name": f"meter {i}"}, headers=h
+        )
+    client.post("/v1/devices", json={"class": "gateway", "id": "gw"}, headers=h)
+    client.post("/v1/devices", json={"class": "wifi", "id": "w1", "gateway_id": "gw"}, headers=h)
+    client.post("/v1/devices/m3/deactivate", headers=h)
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/v1/devices", params=params, headers=h).json()
+        seen += [d["id"] for d in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(seen) == ["gw", "m0", "m1", "m2", "m3", "m4", "m5", "m6", "w1"]
+    assert pages == 3
+
+    def ids(**params: Any) -> list[str]:
+        r = client.get("/v1/devices", params=params, headers=h)
+        assert r.status_code == 200, r.text
+        return [d["id"] for d in r.json()["items"]]
+
+    assert ids(state="inactive") == ["m3"]
+    assert ids(**{"class": "wifi"}) == ["w1"]
+    assert ids(gateway="gw") == ["w1"]
+    assert ids(q="meter 5") == ["m5"]
+    assert ids(q="%") == []
+    assert_problem(client.get("/v1/devices", params={"state": "on"}, headers=h), 422, "state")
+    assert_problem(client.get("/v1/devices", params={"limit": 0}, headers=h), 422, "limit")
+    assert_problem(client.get("/v1/devices", params={"cursor": "!!"}, headers=h), 422, "cursor")
+
+
+def test_authentication_failures_are_401(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    member_id, key_id, dev = add_member(client, owner, "developer")
+    body = assert_problem(client.get("/v1/devices"), 401, "authorization")
+    assert "Bearer" in body["detail"]
+    r = client.get("/v1/devices", headers=bearer("dma_not-a-real-key"))
+    assert_problem(r, 401)
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert_problem(client.get("/v1/devices", headers={"Authorization": "Basic abc"}), 401)
+
+    assert client.get("/v1/devices", headers=bearer(dev)).status_code == 200
+    revoked = client.delete(f"/v1/members/{member_id}/keys/{key_id}", headers=bearer(owner))
+    assert revoked.status_code == 200
+    assert revoked.json()["revoked_at"]
+    assert_problem(client.get("/v1/devices", headers=bearer(dev)), 401)
+    # Idempotent revoke; unknown key 404; the owner's last key is refused (409).
+    assert (
+        client.delete(f"/v1/members/{member_id}/keys/{key_id}", headers=bearer(owner)).status_code
+        == 200
+    )
+    assert_problem(
+        client.delete(f"/v1/members/{member_id}/keys/999999", headers=bearer(owner)), 404
+    )
+    members = client.get("/v1/members", headers=bearer(owner)).json()
+    owner_row = next(m for m in members if m["role"] == "owner")
+    owner_key_id = owner_row["keys"][0]["id"]
+    assert_problem(
+        client.delete(f"/v1/members/{owner_row['id']}/keys/{owner_key_id}", headers=bearer(owner)),
+        409,
+    )
+
+
+def test_roles(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    _, _, manager = add_member(client, owner, "manager")
+    _, _, developer = add_member(client, owner, "developer")
+    assert_problem(
+        client.post("/v1/devices", json={"class": "lte-m"}, headers=bearer(manager)), 403, "role"
+    )
+    assert client.get("/v1/devices", headers=bearer(manager)).status_code == 200
+    assert client.get("/v1/statements", headers=bearer(manager)).status_code == 200
+    assert_problem(client.get("/v1/statements", headers=bearer(developer)), 403)
+    assert_problem(client.get("/v1/statements/2026-10", headers=bearer(developer)), 403)
+    assert_problem(
+        client.post("/v1/members", json={"name": "x", "role": "manager"}, headers=bearer(manager)),
+        403,
+    )
+    assert_problem(client.get("/v1/members", headers=bearer(developer)), 403)
+    assert_problem(
+        client.post("/v1/members", json={"name": "x", "role": "owner"}, headers=bearer(owner)),
+        422,
+        "role",
+    )
+    assert client.get("/v1/usage", headers=bearer(developer)).status_code == 200
+
+
+def _owner_key(database_url: str, ref: str) -> str:
+    with connect(database_url) as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT a.id AS account_id, m.id AS member_id FROM accounts a"
+            " JOIN members m ON m.account_id = a.id AND m.role = 'owner' WHERE a.ref = %s",
+            (ref,),
+        ).fetchone()
+        assert row is not None
+        return issue_key(conn, int(row["account_id"]), int(row["member_id"]))[1]
+
+
+def test_usage_statements_and_export_of_the_worked_example(
+    client: TestClient, database_url: str
+) -> None:
+    worked_example(database_url)
+    h = bearer(_owner_key(database_url, "acme"))
+
+    usage = client.get("/v1/usage", params={"month": "2026-10"}, headers=h).json()
+    assert usage["status"] == "preliminary"
+    assert usage["classes"]["lte-m"] == {
+        "peak": 12,
+        "peak_at": "2026-10-05T00:00:00Z",
+        "amount": "3500",
+    }
+    daily = client.get("/v1/usage/daily", params={"month": "2026-10"}, headers=h).json()
+    assert len(daily["days"]) == 31
+    assert daily["days"][0]["classes"]["lte-m"] == {"peak": 8, "end_of_day": 8}
+    assert daily["days"][4]["classes"]["lte-m"] == {"peak": 12, "end_of_day": 12}
+    assert daily["days"][9]["classes"]["lte-m"] == {"peak": 12, "end_of_day": 8}
+    assert daily["days"][30]["classes"]["lte-m"] == {"peak": 12, "end_of_day": 12}
+    assert max(d["classes"]["lte-m"]["peak"] for d in daily["days"]) == 12
+    assert_problem(client.get("/v1/usage", params={"month": "2026-13"}, headers=h), 422, "month")
+    assert_problem(client.get("/v1/usage", params={"month": "2027-01"}, headers=h), 422, "month")
+
+    preliminary = client.get("/v1/statements/2026-10", headers=h).json()
+    assert (preliminary["status"], preliminary["subtotal"]) == ("preliminary", "3500")
+    assert client.get("/v1/statements", headers=h).json() == []
+    assert_problem(client.get("/v1/admin/exports/2026-10", headers=ADMIN), 404, "month")
+
+    closed = client.post("/v1/admin/close", json={"month": "2026-10"}, headers=ADMIN)
+    assert closed.status_code == 200, closed.text
+    assert closed.json()["closed"] == ["acme"]
+    assert client.post("/v1/admin/close", json={"month": "2026-10"}, headers=ADMIN).json()[
+        "already_closed"
+    ] == ["acme"]
+
+    final = client.get("/v1/statements/2026-10", headers=h).json()
+    assert final["status"] == "final"
+    assert [(x["quantity"], x["unit_price"], x["amount"]) for x in final["lines"]] == [
+        (10, "300", "3000"),
+        (2, "250", "500"),
+    ]
+    assert (final["subtotal"], final["amount_due"], final["due_date"]) == (
+        "3500",
+        "3500",
+        "2026-11-30",
+    )
+    listed = client.get("/v1/statements", headers=h).json()
+    assert [s["month"] for s in listed] == ["2026-10"]
+    assert (
+        client.get("/v1/usage", params={"month": "2026-10"}, headers=h).json()["status"] == "final"
+    )
+
+    export = client.get("/v1/admin/exports/2026-10", params={"format": "jsonl"}, headers=ADMIN)
+    assert export.status_code == 200
+    import hashlib
+
+    assert (
+        export.headers["x-devmeter-checksum"]
+        == "sha256=" + hashlib.sha256(export.content).hexdigest()
+    )
+    assert export.headers["x-devmeter-export-id"].startswith("dmx-2026-10-")
+    assert (
+        client.get("/v1/admin/exports/2026-10", params={"format": "jsonl"}, headers=ADMIN).content
+        == export.content
+    )
+
+
+def test_operator_endpoints_need_the_operator_token(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    assert_problem(client.get("/v1/admin/accounts"), 401)
+    assert_problem(client.get("/v1/admin/accounts", headers=bearer("wrong")), 401)
+    assert_problem(client.get("/v1/admin/accounts", headers=bearer(owner)), 401)
+    listed = client.get("/v1/admin/accounts", headers=ADMIN).json()
+    assert [a["ref"] for a in listed] == ["acme"]
+    assert_problem(
+        client.post(
+            "/v1/admin/accounts",
+            json={"ref": "acme", "name": "A", "plan": "standard", "country": "JP"},
+            headers=ADMIN,
+        ),
+        409,
+        "ref",
+    )
+    assert_problem(
+        client.post(
+            "/v1/admin/accounts",
+            json={"ref": "b", "name": "B", "plan": "gold", "country": "JP"},
+            headers=ADMIN,
+        ),
+        422,
+        "plan",
+    )
+    assert_problem(
+        client.post("/v1/admin/close", json={"month": "2026-1"}, headers=ADMIN), 422, "month"
+    )
+
+
+def test_health_readiness_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    client.get("/v1/devices")
+    text = client.get("/metrics").text
+    assert 'devmeter_api_requests_total{method="GET",route="/v1/devices",status="401"}' in text
+
+
+def test_readyz_reports_an_unreachable_broker(database_url: str) -> None:
+    from devmeter.embedded import free_port
+
+    config = Settings(env="test")
+    app = create_app(
+        config, database_url=database_url, mqtt_url=f"mqtt://127.0.0.1:{free_port()}", console=False
+    )
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["checks"]["broker"].startswith("unreachable")
+
+
+def test_database_down_is_503_with_retry_after() -> None:
+    from devmeter.embedded import free_port
+
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    app = create_app(Settings(env="test"), database_url=nowhere, mqtt_url=None, console=False)
+    with TestClient(app) as c:
+        r = c.get("/v1/devices", headers=bearer("dma_whatever"))
+        assert_problem(r, 503)
+        assert r.headers["retry-after"] == "5"
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 503
+
+
+def _object_ids(client: TestClient, owner: str) -> dict[str, str]:
+    h = bearer(owner)
+    client.post("/v1/devices", json={"class": "lte-m", "id": "b-dev"}, headers=h)
+    member_id, key_id, _ = add_member(client, owner, "developer")
+    return {"device_id": "b-dev", "member_id": str(member_id), "key_id": str(key_id)}
+
+
+def test_tenant_isolation_walks_every_endpoint(client: TestClient) -> None:
+    """A key of account A gets 404 for every object of account B, on every endpoint with one."""
+    a = make_account(client, "alpha")
+    b = make_account(client, "beta")
+    b_ids = _object_ids(client, b)
+    spec = client.get("/openapi.json").json()
+    checked = []
+    for path, operations in spec["paths"].items():
+        params = re.findall(r"{(\w+)}", path)
+        object_params = [p for p in params if p in b_ids]
+        if not object_params or path.startswith("/v1/admin"):
+            continue
+        for method in operations:
+            url = path
+            for p in params:
+                url = url.replace("{" + p + "}", b_ids[p])
+            r = client.request(
+                method.upper(), url, headers=bearer(a), json={} if method == "post" else None
+            )
+            assert r.status_code == 404, (method, url, r.status_code, r.text)
+            assert "b-dev" not in r.text or "unknown device" in r.text
+            checked.append((method, path))
+            # B still sees its own object.
+            mine = client.request(method.upper(), url, headers=bearer(b))
+            assert mine.status_code in (200, 409), (method, url, mine.text)
+    assert len(checked) >= 5, checked
+    # Listings never show another account's objects.
+    assert client.get("/v1/devices", headers=bearer(a)).json()["items"] == []
+    assert [m["role"] for m in client.get("/v1/members", headers=bearer(a)).json()] == ["owner"]
+
+
+def test_openapi_declares_every_problem_code(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            codes = set(op["responses"])
+            if path.startswith("/v1/") and not path.startswith("/v1/admin"):
+                assert {"401", "403"} <= codes, (method, path)
+            if "{" in path and path.startswith("/v1/") and "statements" not in path:
+                assert "404" in codes, (method, path)
+    assert datetime.now(UTC)

@@ -1,0 +1,778 @@
+"""The developer console against a real PostgreSQL: sign-in, CSRF, devices, usage, statements.
+
+Drives the pages as a browser without script would (forms, redirects, cookies) and the
+in-place path the console's script uses (fetch with X-CSRF-Token, a row fragment back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from httpx import Response
+from markupsafe import escape
+
+from api.app import create_app
+from devmeter.config import Settings
+from devmeter.db import connect
+from tests.integration.test_api import ADMIN, add_member, bearer, make_account
+from tests.integration.test_close import worked_example
+
+XSS = "<script>alert(1)</script>"
+XSS_ATTR = '"><img src=x onerror=alert(2)>'
+FRAGMENT = {"X-Console-Fragment": "row"}
+
+
+@pytest.fixture
+def client(database_url: str, mqtt_url: str) -> Iterator[TestClient]:
+    config = Settings(admin_token="op-token-for-tests", env="test")  # type: ignore[arg-type]
+    app = create_app(config, database_url=database_url, mqtt_url=mqtt_url)
+    with TestClient(app, follow_redirects=False) as c:
+        yield c
+
+
+def browser(client: TestClient, base_url: str = "http://testserver") -> TestClient:
+    """A second browser (its own cookie jar) on the same running app."""
+    return TestClient(client.app, base_url=base_url, follow_redirects=False)
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+def sign_in(c: TestClient, key: str, next_url: str | None = None) -> str:
+    """Sign in through the form; returns the session's CSRF token."""
+    form = c.get("/console/sign-in")
+    assert form.status_code == 200, form.text
+    data = {"key": key, "csrf_token": csrf_of(form.text)}
+    if next_url is not None:
+        data["next"] = next_url
+    r = c.post("/console/sign-in", data=data)
+    assert r.status_code == 303, r.text
+    page = c.get("/console/devices")
+    assert page.status_code == 200, page.text
+    return csrf_of(page.text)
+
+
+def set_cookies(r: Response) -> list[str]:
+    return r.headers.get_list("set-cookie")
+
+
+def session_cookie(r: Response) -> str:
+    found = [c for c in set_cookies(r) if c.startswith("devmeter_console=")]
+    assert len(found) == 1, set_cookies(r)
+    return found[0]
+
+
+def device_rows(url: str) -> list[tuple[str, str, str | None]]:
+    with connect(url) as conn:
+        rows = conn.execute("SELECT id, state, name FROM devices ORDER BY id").fetchall()
+    return [(r["id"], r["state"], r["name"]) for r in rows]
+
+
+def event_count(url: str) -> int:
+    with connect(url) as conn:
+        row = conn.execute("SELECT count(*) AS n FROM device_state_events").fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def api_device(c: TestClient, key: str, **body: Any) -> dict[str, Any]:
+    r = c.post("/v1/devices", json=body, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def assert_page(r: Response, status: int = 200) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["cache-control"] == "no-store"
+    Markup().check(r.text)
+    return r.text
+
+
+class Markup(HTMLParser):
+    """What a browser would parse: no inline script, style or handlers (the policy would block
+    them, so none may be needed), and no tags a device or member name could have smuggled in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = {name for name, _ in attrs}
+        assert tag not in ("img", "style", "iframe", "object"), tag
+        assert "style" not in names, (tag, attrs)
+        assert not [n for n in names if n.startswith("on")], (tag, attrs)
+        if tag == "script":
+            assert "src" in names, attrs
+            self.in_script = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self.in_script = False
+
+    def handle_data(self, data: str) -> None:
+        assert not (self.in_script and data.strip()), data
+
+    def check(self, text: str) -> None:
+        self.feed(text)
+        self.close()
+
+
+# --- sign-in and the session cookie ------------------------------------------------------
+
+
+def test_sign_in_with_good_bad_and_revoked_keys(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    member_id, key_id, developer = add_member(client, owner, "developer")
+
+    form = client.get("/console/sign-in")
+    page = assert_page(form)
+    assert 'for="api-key"' in page
+    assert 'type="password"' in page
+    token = csrf_of(page)
+
+    bad = client.post("/console/sign-in", data={"key": "dma_wrong-key", "csrf_token": token})
+    text = assert_page(bad, 401)
+    assert "unknown or has been revoked" in text
+    assert "dma_wrong-key" not in text, "a key is never echoed back"
+    assert not [c for c in set_cookies(bad) if c.startswith("devmeter_console=")]
+
+    # The sign-in form has its own token, bound to a cookie the page set: a cross-site post
+    # (no cookie, no token) cannot sign a victim into the attacker's account.
+    stranger = browser(client)
+    forged = stranger.post("/console/sign-in", data={"key": developer, "csrf_token": token})
+    assert_page(forged, 403)
+    assert not [c for c in set_cookies(forged) if c.startswith("devmeter_console=")]
+    no_token = client.post("/console/sign-in", data={"key": developer})
+    assert_page(no_token, 403)
+
+    good = client.post("/console/sign-in", data={"key": developer, "csrf_token": token})
+    assert good.status_code == 303
+    assert good.headers["location"] == "/console/devices"
+    cookie = session_cookie(good)
+    flags = [part.strip().lower() for part in cookie.split(";")]
+    assert "httponly" in flags
+    assert "samesite=strict" in flags
+    assert "path=/console" in flags
+    assert "secure" not in flags, "plain http in tests: Secure only over https"
+    home = client.get("/console/devices")
+    assert "developer" in assert_page(home)
+    assert developer not in home.text, "the key stays in the cookie, never in a page"
+
+    # Revoking the key signs the browser out on its next request and drops the cookie.
+    revoked = client.delete(f"/v1/members/{member_id}/keys/{key_id}", headers=bearer(owner))
+    assert revoked.status_code == 200
+    r = client.get("/console/devices")
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/sign-in?next=%2Fconsole%2Fdevices"
+    assert 'devmeter_console=""' in session_cookie(r) or "max-age=0" in session_cookie(r).lower()
+    again = client.get("/console/sign-in")
+    refused = client.post(
+        "/console/sign-in", data={"key": developer, "csrf_token": csrf_of(again.text)}
+    )
+    assert_page(refused, 401)
+
+
+def test_cookie_is_secure_over_https(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    secure = browser(client, "https://testserver")
+    form = secure.get("/console/sign-in")
+    r = secure.post("/console/sign-in", data={"key": owner, "csrf_token": csrf_of(form.text)})
+    assert r.status_code == 303
+    flags = [part.strip().lower() for part in session_cookie(r).split(";")]
+    assert "secure" in flags
+    assert "httponly" in flags
+    assert "samesite=strict" in flags
+
+
+def test_sign_in_returns_to_the_page_asked_for_but_never_off_site(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    r = client.get("/console/usage", params={"month": "2026-10"})
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/sign-in?next=%2Fconsole%2Fusage%3Fmonth%3D2026-10"
+    form = client.get(r.headers["location"])
+    assert 'name="next" value="/console/usage?month=2026-10"' in form.text
+    signed = client.post(
+        "/console/sign-in",
+        data={
+            "key": owner,
+            "csrf_token": csrf_of(form.text),
+            "next": "/console/usage?month=2026-10",
+        },
+    )
+    assert signed.headers["location"] == "/console/usage?month=2026-10"
+    for evil in (
+        "https://evil.example/",
+        "//evil.example/console",
+        "/console/../v1/devices",
+        "/console/%2e%2e/v1",
+        "/console\\evil",
+        "/v1",
+    ):
+        other = browser(client)
+        page = other.get("/console/sign-in", params={"next": evil})
+        r = other.post(
+            "/console/sign-in", data={"key": owner, "csrf_token": csrf_of(page.text), "next": evil}
+        )
+        assert r.headers["location"] == "/console/devices", evil
+
+
+def test_sign_out_needs_the_token_and_clears_the_cookie(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    csrf = sign_in(client, owner)
+
+    assert_page(client.post("/console/sign-out"), 403)
+    assert_page(client.post("/console/sign-out", data={"csrf_token": "0" * 64}), 403)
+    assert client.get("/console/devices").status_code == 200, "still signed in"
+
+    out = client.post("/console/sign-out", data={"csrf_token": csrf})
+    assert out.status_code == 303
+    assert out.headers["location"] == "/console/sign-in?signed_out=1"
+    cleared = [part.strip().lower() for part in session_cookie(out).split(";")]
+    assert "max-age=0" in cleared
+    assert "path=/console" in cleared
+    assert "devmeter_console" not in client.cookies
+    assert client.get("/console/devices").status_code == 303
+    assert "You have signed out." in client.get("/console/sign-in?signed_out=1").text
+
+
+def test_unauthenticated_pages_redirect_to_sign_in(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    api_device(client, owner, **{"class": "lte-m", "id": "d1"})
+    for path in (
+        "/console",
+        "/console/devices",
+        "/console/devices/d1",
+        "/console/new-device",
+        "/console/usage",
+        "/console/statements",
+        "/console/statements/2026-10",
+    ):
+        r = client.get(path)
+        assert r.status_code == 303, path
+        assert r.headers["location"].startswith("/console/sign-in"), path
+    before = device_rows(database_url)
+    for path, data in (
+        ("/console/devices", {"class": "lte-m", "device_id": "d2"}),
+        ("/console/devices/d1/deactivate", {"confirm": "yes"}),
+        ("/console/sign-out", {}),
+    ):
+        r = client.post(path, data=data)
+        assert r.status_code == 303, path
+        assert r.headers["location"] == "/console/sign-in", path
+    # The script's in-place path gets a 401 it can act on, not a sign-in page as a row.
+    r = client.post("/console/devices/d1/deactivate", data={"confirm": "yes"}, headers=FRAGMENT)
+    assert r.status_code == 401
+    assert device_rows(database_url) == before
+    # A forged cookie is no session either.
+    client.cookies.set("devmeter_console", "dma_forged", path="/console")
+    assert client.get("/console/devices").status_code == 303
+
+
+# --- CSRF ----------------------------------------------------------------------------------
+
+
+def test_every_post_without_the_right_token_is_refused(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    _, _, developer = add_member(client, owner, "developer")
+    api_device(client, owner, **{"class": "lte-m", "id": "on"})
+    api_device(client, owner, **{"class": "lte-m", "id": "off"})
+    client.post("/v1/devices/off/deactivate", headers=bearer(owner))
+    owner_csrf = sign_in(browser(client), owner)
+    csrf = sign_in(client, developer)
+    assert csrf != owner_csrf, "tokens are per key"
+
+    before = (device_rows(database_url), event_count(database_url))
+    posts: list[tuple[str, dict[str, str]]] = [
+        ("/console/devices", {"class": "lte-m", "device_id": "new1", "name": "x"}),
+        ("/console/devices/on/deactivate", {"confirm": "yes"}),
+        ("/console/devices/off/activate", {}),
+        ("/console/sign-out", {}),
+    ]
+    for path, data in posts:
+        for token in (None, "", "nope", csrf[:-1] + ("0" if csrf[-1] != "0" else "1"), owner_csrf):
+            body = dict(data) if token is None else {**data, "csrf_token": token}
+            r = client.post(path, data=body)
+            assert_page(r, 403)
+            assert "nothing was changed" in r.text
+            # The same through the script's path, with the header instead of the field.
+            headers = FRAGMENT | ({"X-CSRF-Token": token} if token else {})
+            r = client.post(path, data=data, headers=headers)
+            assert r.status_code == 403, (path, token)
+    assert (device_rows(database_url), event_count(database_url)) == before
+    assert client.get("/console/devices").status_code == 200, "still signed in"
+
+
+# --- devices -------------------------------------------------------------------------------
+
+
+def test_register_shows_the_key_once(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    csrf = sign_in(client, owner)
+
+    form = assert_page(client.get("/console/new-device"))
+    for label in ('for="device-class"', 'for="device-id"', 'for="device-name"', 'for="gateway-id"'):
+        assert label in form
+    assert '<option value="lte-m"' in form
+
+    r = client.post(
+        "/console/devices",
+        data={"csrf_token": csrf, "class": "lte-m", "device_id": "d1", "name": "pump 1"},
+    )
+    page = assert_page(r, 201)
+    assert r.headers["cache-control"] == "no-store"
+    match = re.search(r'id="device-key" data-testid="device-key" [^>]*value="(dmk_[^"]+)"', page)
+    assert match, page
+    key = match.group(1)
+    assert "shown only once" in page
+    assert 'id="copy-key"' in page
+    with connect(database_url) as conn:
+        stored = conn.execute("SELECT key_hash FROM devices WHERE id = 'd1'").fetchone()
+    assert stored is not None
+    assert bytes(stored["key_hash"]) == hashlib.sha256(key.encode()).digest()
+    with connect(database_url) as conn:
+        events = conn.execute(
+            "SELECT state, source FROM device_state_events WHERE device_id = 'd1'"
+        ).fetchall()
+    assert [(e["state"], e["source"]) for e in events] == [("active", "console")]
+
+    listing = assert_page(client.get("/console/devices"))
+    assert 'data-device-id="d1"' in listing
+    assert key not in listing
+    detail = assert_page(client.get("/console/devices/d1"))
+    assert key not in detail
+    assert key[:10] in detail, "the prefix tells keys apart"
+
+    # Generated id when none is given.
+    generated = client.post("/console/devices", data={"csrf_token": csrf, "class": "wifi"})
+    assert re.search(
+        r'id="created-device-id" href="/console/devices/dev-[0-9a-f]{16}"', generated.text
+    )
+
+    # Refusals keep what was typed and say what is wrong, without a key anywhere.
+    dup = client.post(
+        "/console/devices",
+        data={"csrf_token": csrf, "class": "lte-m", "device_id": "d1", "name": "again"},
+    )
+    text = assert_page(dup, 409)
+    assert "already exists" in text
+    assert 'value="again"' in text
+    assert "dmk_" not in text
+    bad_id = client.post(
+        "/console/devices", data={"csrf_token": csrf, "class": "lte-m", "device_id": "a/b"}
+    )
+    assert 'id="device-id" name="device_id" value="a/b"' in assert_page(bad_id, 422)
+    assert 'aria-invalid="true"' in bad_id.text
+    assert_page(client.post("/console/devices", data={"csrf_token": csrf, "class": "zigbee"}), 422)
+    assert_page(client.post("/console/devices", data={"csrf_token": csrf}), 422)
+    assert [d[0] for d in device_rows(database_url)][:1] == ["d1"]
+    assert len(device_rows(database_url)) == 2
+
+
+def test_managers_see_devices_but_cannot_change_them(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    _, _, manager = add_member(client, owner, "manager")
+    api_device(client, owner, **{"class": "lte-m", "id": "d1"})
+    csrf = sign_in(client, manager)
+    listing = assert_page(client.get("/console/devices"))
+    assert 'data-device-id="d1"' in listing
+    assert "Register device" not in listing
+    assert 'data-testid="deactivate"' not in listing
+    assert "not available for your role" in client.get("/console/new-device").text.lower()
+    before = (device_rows(database_url), event_count(database_url))
+    assert_page(client.post("/console/devices", data={"csrf_token": csrf, "class": "lte-m"}), 403)
+    assert_page(
+        client.post("/console/devices/d1/deactivate", data={"csrf_token": csrf, "confirm": "yes"}),
+        403,
+    )
+    r = client.post(
+        "/console/devices/d1/deactivate",
+        data={"confirm": "yes"},
+        headers=FRAGMENT | {"X-CSRF-Token": csrf},
+    )
+    assert r.status_code == 403
+    assert (device_rows(database_url), event_count(database_url)) == before
+
+
+def test_deactivate_asks_first_then_toggles_by_form(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    api_device(client, owner, **{"class": "lte-m", "id": "d1", "name": "pump"})
+    csrf = sign_in(client, owner)
+
+    listing = assert_page(client.get("/console/devices"))
+    assert 'id="confirm-dialog"' in listing
+    assert 'data-confirm="deactivate"' in listing
+
+    # Without script: the first post only asks, on a page of its own.
+    ask = client.post(
+        "/console/devices/d1/deactivate",
+        data={"csrf_token": csrf, "return_to": "/console/devices?state=active"},
+    )
+    page = assert_page(ask)
+    assert "Confirm deactivate" in page
+    assert 'name="confirm" value="yes"' in page
+    assert 'name="return_to" value="/console/devices?state=active"' in page
+    assert device_rows(database_url) == [("d1", "active", "pump")]
+
+    done = client.post(
+        "/console/devices/d1/deactivate",
+        data={"csrf_token": csrf, "confirm": "yes", "return_to": "/console/devices?state=active"},
+    )
+    assert done.status_code == 303
+    assert done.headers["location"] == "/console/devices?state=active"
+    assert device_rows(database_url) == [("d1", "inactive", "pump")]
+
+    on = client.post(
+        "/console/devices/d1/activate",
+        data={"csrf_token": csrf, "return_to": "https://evil.example/"},
+    )
+    assert on.status_code == 303
+    assert on.headers["location"] == "/console/devices/d1", "never redirects off the console"
+    assert device_rows(database_url) == [("d1", "active", "pump")]
+
+    timeline = assert_page(client.get("/console/devices/d1"))
+    states = re.findall(r'data-testid="timeline-event" data-state="(\w+)"', timeline)
+    assert states == ["active", "inactive", "active"], "newest first"
+    assert timeline.count("console") >= 2
+    assert_page(client.get("/console/devices/nope"), 404)
+
+
+def test_toggle_in_place_returns_the_new_row(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    other = make_account(client, "beta")
+    api_device(client, owner, **{"class": "lte-m", "id": "d1"})
+    api_device(client, other, **{"class": "lte-m", "id": "b1"})
+    csrf = sign_in(client, owner)
+    headers = FRAGMENT | {"X-CSRF-Token": csrf}
+
+    r = client.post(
+        "/console/devices/d1/deactivate",
+        data={"confirm": "yes", "return_to": "/console/devices"},
+        headers=headers,
+    )
+    row = assert_page(r)
+    assert row.lstrip().startswith('<tr id="device-d1"')
+    assert 'data-state="inactive"' in row
+    assert 'data-testid="activate"' in row
+    assert f'value="{csrf}"' in row
+    assert "<html" not in row
+    assert ("d1", "inactive", None) in device_rows(database_url)
+
+    r = client.post("/console/devices/d1/activate", headers=headers)
+    assert 'data-state="active"' in assert_page(r)
+    assert 'data-testid="deactivate"' in r.text
+
+    # Unknown here, and another account's device, are the same 404; nothing changes.
+    before = device_rows(database_url)
+    for device in ("nope", "b1"):
+        r = client.post(
+            f"/console/devices/{device}/deactivate", data={"confirm": "yes"}, headers=headers
+        )
+        assert r.status_code == 404
+        assert r.headers["content-type"].startswith("text/plain")
+        assert_page(
+            client.post(
+                f"/console/devices/{device}/deactivate", data={"csrf_token": csrf, "confirm": "yes"}
+            ),
+            404,
+        )
+        assert_page(client.get(f"/console/devices/{device}"), 404)
+    assert device_rows(database_url) == before
+
+
+def test_device_list_search_filters_and_pages(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    other = make_account(client, "beta")
+    api_device(client, other, **{"class": "lte-m", "id": "zz-other"})
+    api_device(client, owner, **{"class": "gateway", "id": "gw"})
+    for i in range(30):
+        body = {"class": "lte-m", "id": f"m{i:02d}", "name": f"meter {i}"}
+        api_device(client, owner, **body)
+    api_device(client, owner, **{"class": "wifi", "id": "w1", "gateway_id": "gw"})
+    client.post("/v1/devices/m03/deactivate", headers=bearer(owner))
+    sign_in(client, owner)
+
+    def ids(path: str, **params: str) -> list[str]:
+        # httpx drops a URL's own query when given params, even empty ones.
+        text = assert_page(client.get(path, params=params) if params else client.get(path))
+        return re.findall(r'data-testid="device-row" data-device-id="([^"]+)"', text)
+
+    first = client.get("/console/devices").text
+    assert ids("/console/devices") == ["gw"] + [f"m{i:02d}" for i in range(24)]
+    next_url = html.unescape(re.search(r'id="next-page" href="([^"]+)"', first).group(1))  # type: ignore[union-attr]
+    assert ids(next_url) == [f"m{i:02d}" for i in range(24, 30)] + ["w1"]
+    assert 'id="next-page"' not in client.get(next_url).text
+    assert 'id="first-page"' in client.get(next_url).text
+    assert "zz-other" not in first + client.get(next_url).text
+
+    assert ids("/console/devices", state="inactive") == ["m03"]
+    assert ids("/console/devices", **{"class": "wifi"}) == ["w1"]
+    assert ids("/console/devices", gateway="gw") == ["w1"]
+    assert ids("/console/devices", q="meter 2") == [
+        "m02",
+        "m20",
+        "m21",
+        "m22",
+        "m23",
+        "m24",
+        "m25",
+        "m26",
+        "m27",
+        "m28",
+        "m29",
+    ]
+    assert ids("/console/devices", q="%") == []
+    # Filters carry over to the next page.
+    paged = client.get("/console/devices", params={"state": "active", "limit": "5"}).text
+    link = html.unescape(re.search(r'id="next-page" href="([^"]+)"', paged).group(1))  # type: ignore[union-attr]
+    assert "state=active" in link
+    assert "limit=5" in link
+    assert ids(link) == ["m05", "m06", "m07", "m08", "m09"]
+    # Nonsense parameters are ignored, not a JSON 422.
+    assert ids("/console/devices", state="on", after="../x", limit="-3")[:2] == ["gw", "m00"]
+    badges = re.findall(r'data-testid="state-badge" data-state="(\w+)"', first)
+    assert badges.count("inactive") == 1
+
+
+def test_names_are_escaped_in_every_page(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    _, _, developer = add_member(client, owner, "developer")
+    # Member names are shown in the header; they are user input too.
+    r = client.post("/v1/members", json={"name": XSS, "role": "developer"}, headers=bearer(owner))
+    assert r.status_code == 201
+    evil_member = r.json()["key"]
+    api_device(client, owner, **{"class": "lte-m", "id": "d2", "name": XSS_ATTR})
+    csrf = sign_in(client, developer)
+    escaped = str(escape(XSS))
+
+    created = client.post(
+        "/console/devices",
+        data={"csrf_token": csrf, "class": "lte-m", "device_id": "d1", "name": XSS},
+    )
+    pages = {
+        "created": assert_page(created, 201),
+        "list": assert_page(client.get("/console/devices")),
+        "search": assert_page(client.get("/console/devices", params={"q": XSS})),
+        "device": assert_page(client.get("/console/devices/d1")),
+        "device2": assert_page(client.get("/console/devices/d2")),
+        "confirm": assert_page(
+            client.post("/console/devices/d1/deactivate", data={"csrf_token": csrf})
+        ),
+        "row": assert_page(
+            client.post(
+                "/console/devices/d2/deactivate",
+                data={"confirm": "yes"},
+                headers=FRAGMENT | {"X-CSRF-Token": csrf},
+            )
+        ),
+        "refused": assert_page(
+            client.post(
+                "/console/devices",
+                data={"csrf_token": csrf, "class": "lte-m", "device_id": "d1", "name": XSS},
+            ),
+            409,
+        ),
+        "not found": assert_page(client.get("/console/devices/" + "x%3Cscript%3E"), 404),
+        "usage": assert_page(client.get("/console/usage", params={"month": XSS}), 422),
+        "unknown page": assert_page(client.get("/console/%3Cscript%3Ealert(1)%3C/script%3E"), 404),
+    }
+    for name, text in pages.items():
+        assert "<script>alert" not in text, name
+        assert "<img src=x" not in text, name
+    assert escaped in pages["created"]
+    assert escaped in pages["list"]
+    assert escaped in pages["device"]
+    assert escaped in pages["confirm"]
+    assert str(escape(XSS_ATTR)) in pages["device2"]
+    assert str(escape(XSS_ATTR)) in pages["row"]
+    assert f'value="{escaped}"' in pages["search"]
+
+    header = browser(client)
+    sign_in(header, evil_member)
+    text = assert_page(header.get("/console/usage"))
+    assert escaped in text
+    assert "<script>alert" not in text
+
+
+# --- usage and statements ------------------------------------------------------------------
+
+
+def test_usage_of_the_worked_example(client: TestClient, database_url: str) -> None:
+    from tests.integration.test_api import _owner_key
+
+    worked_example(database_url)
+    owner = _owner_key(database_url, "acme")
+    sign_in(client, owner)
+
+    r = client.get("/console/usage", params={"month": "2026-10"})
+    page = assert_page(r)
+    assert re.search(r'data-testid="usage-row" data-class="lte-m"', page)
+    assert '<td class="num" data-testid="peak">12</td>' in page
+    assert 'data-amount="3500"' in page
+    assert "¥3,500" in page
+    assert "lte-m 1\u201310 \u00d7 300 = ¥3,000" in page
+    assert 'data-testid="preliminary-badge"' in page
+    assert "Preliminary — may differ from the final bill" in page
+    assert 'data-testid="final-badge"' not in page
+
+    # The chart: one bar per day of October, the peak line at 12 marked on Oct 5.
+    chart = re.search(r'<svg[^>]*data-testid="usage-chart" data-class="lte-m".*?</svg>', page, re.S)
+    assert chart, page
+    svg = chart.group(0)
+    assert 'data-peak="12"' in svg
+    bars = re.findall(r'<rect class="bar( bar-peak)?" data-day="([\d-]+)" data-value="(\d+)"', svg)
+    assert len(bars) == 31
+    assert bars[0][1:] == ("2026-10-01", "8")
+    assert bars[4][1:] == ("2026-10-05", "12")
+    assert {day for peak, day, _ in bars if peak} == {
+        "2026-10-05",
+        "2026-10-06",
+        "2026-10-07",
+        "2026-10-08",
+        "2026-10-09",
+        "2026-10-10",
+        "2026-10-20",
+        "2026-10-21",
+        "2026-10-22",
+        "2026-10-23",
+        "2026-10-24",
+        "2026-10-25",
+        "2026-10-31",
+    }
+    assert 'data-testid="chart-peak" data-peak="12" data-day="2026-10-05"' in svg
+    assert "Peak 12 on Oct 5" in svg
+
+    # The what-if: 13 Active now (d6-d18), so December would start in tier 2.
+    whatif = re.search(r'data-testid="what-if-row" data-class="lte-m".*?</tr>', page, re.S)
+    assert whatif, page
+    row = whatif.group(0)
+    assert '<td class="num" data-testid="active-now">13</td>' in row
+    assert 'data-tier="2"' in row
+    assert '<strong data-value="3">3</strong> to start in tier 1 (¥3,000/month)' in row
+    assert '<strong data-value="88">88</strong> more reach tier 3' in row
+    assert "¥3,750" in row
+
+    # Closed: final, no preliminary badge, same numbers.
+    closed = client.post("/v1/admin/close", json={"month": "2026-10"}, headers=ADMIN)
+    assert closed.status_code == 200, closed.text
+    final = assert_page(client.get("/console/usage", params={"month": "2026-10"}))
+    assert 'data-testid="final-badge"' in final
+    assert "Preliminary" not in final
+    assert 'data-amount="3500"' in final
+    assert '<td class="num" data-testid="peak">12</td>' in final
+
+    # The open month is the default, and says it is preliminary.
+    current = assert_page(client.get("/console/usage"))
+    assert 'id="month" name="month" value="' in current
+    assert 'data-testid="preliminary-badge"' in current
+    assert 'id="next-month"' not in current
+
+    # Months that cannot be shown are explained on the page, not a JSON error.
+    for month in ("2099-01", "2026-13", "oct"):
+        r = client.get("/console/usage", params={"month": month})
+        assert 'id="usage-error"' in assert_page(r, 422), month
+
+
+def test_statements_are_for_managers_and_the_owner(client: TestClient, database_url: str) -> None:
+    from tests.integration.test_api import _owner_key
+
+    worked_example(database_url)
+    owner = _owner_key(database_url, "acme")
+    _, _, manager = add_member(client, owner, "manager")
+    _, _, developer = add_member(client, owner, "developer")
+    assert (
+        client.post("/v1/admin/close", json={"month": "2026-10"}, headers=ADMIN).status_code == 200
+    )
+
+    sign_in(client, developer)
+    assert 'id="nav-statements"' not in client.get("/console/devices").text
+    for path in ("/console/statements", "/console/statements/2026-10"):
+        text = assert_page(client.get(path), 403)
+        assert "managers and the owner" in text
+        assert "3,500" not in text
+
+    for key in (manager, owner):
+        c = browser(client)
+        sign_in(c, key)
+        assert 'id="nav-statements"' in c.get("/console/devices").text
+        listing = assert_page(c.get("/console/statements"))
+        assert 'data-testid="statement-row" data-month="2026-10"' in listing
+        assert "¥3,500" in listing
+        detail = assert_page(c.get("/console/statements/2026-10"))
+        assert 'data-testid="final-badge"' in detail
+        assert 'id="subtotal" data-amount="3500"' in detail
+        assert "lte-m 1\u201310 \u00d7 300" in detail
+        preliminary = assert_page(c.get("/console/statements/2026-11"))
+        assert 'data-testid="preliminary-badge"' in preliminary
+        assert_page(c.get("/console/statements/2099-01"), 422)
+
+
+def test_static_files_and_unknown_pages(client: TestClient) -> None:
+    js = client.get("/console/static/console.js")
+    assert js.status_code == 200
+    assert "javascript" in js.headers["content-type"]
+    assert "default-src 'self'" in js.headers["content-security-policy"]
+    assert js.headers["x-content-type-options"] == "nosniff"
+    css = client.get("/console/static/console.css")
+    assert css.status_code == 200
+    assert css.headers["content-type"].startswith("text/css")
+    assert client.get("/console/static/nope.js").status_code == 404
+    assert "There is no console page" in assert_page(client.get("/console/nowhere"), 404)
+    assert client.get("/console/").headers["location"] == "/console"
+    # The API is untouched by the console: still JSON problems, still Bearer only.
+    assert client.get("/v1/devices").headers["content-type"] == "application/problem+json"
+    assert all(not p.startswith("/console") for p in client.get("/openapi.json").json()["paths"])
+
+
+def test_a_configured_secret_lets_processes_share_tokens(database_url: str, mqtt_url: str) -> None:
+    """Behind a load balancer each process must accept the others' CSRF tokens; with the
+    default per-process secret they do not (a restart asks people to reload the form)."""
+    from pydantic import SecretStr
+
+    class Configured(Settings):
+        console_secret: SecretStr | None = None
+
+    worked_example(database_url)
+    from tests.integration.test_api import _owner_key
+
+    owner = _owner_key(database_url, "acme")
+    shared = Configured(env="test", console_secret=SecretStr("a-long-test-secret-" * 2))
+    apps = [create_app(shared, database_url=database_url, mqtt_url=mqtt_url) for _ in range(2)]
+    isolated = create_app(Settings(env="test"), database_url=database_url, mqtt_url=mqtt_url)
+    with (
+        TestClient(apps[0], follow_redirects=False) as a,
+        TestClient(apps[1], follow_redirects=False) as b,
+        TestClient(isolated, follow_redirects=False) as c,
+    ):
+        csrf = sign_in(a, owner)
+        for other, status in ((c, 403), (b, 303)):
+            other.cookies = a.cookies
+            assert other.post("/console/sign-out", data={"csrf_token": csrf}).status_code == status
+        # The sign-in form's token too: a form served by one process, posted to the other.
+        fresh_a, fresh_b = browser(a), browser(b)
+        form = fresh_a.get("/console/sign-in")
+        fresh_b.cookies = fresh_a.cookies
+        token = csrf_of(form.text)
+        r = fresh_b.post("/console/sign-in", data={"key": owner, "csrf_token": token})
+        assert r.status_code == 303
+        fresh_c = browser(c)
+        fresh_c.cookies = fresh_a.cookies
+        r = fresh_c.post("/console/sign-in", data={"key": owner, "csrf_token": token})
+        assert r.status_code == 403

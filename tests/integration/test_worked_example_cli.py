@@ -1,0 +1,130 @@
+"""SPEC's worked example end to end through the CLI: import, close, statement, export."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+from tests.integration.test_ingest_worker import count
+
+DEVICES = ["device_id,account,class,registered_at"]
+EVENTS = ["time,device_id,state,source"]
+for account in ("acme", "vol"):
+    DEVICES += [f"{account}-d{n},{account},lte-m,2026-09-30T10:00:00+09:00" for n in range(1, 9)]
+    DEVICES += [f"{account}-d{n},{account},lte-m,2026-10-05T09:00:00+09:00" for n in range(9, 13)]
+    DEVICES += [f"{account}-d{n},{account},lte-m,2026-10-20T08:00:00+09:00" for n in range(13, 17)]
+    DEVICES += [f"{account}-d17,{account},lte-m,2026-10-31T23:59:59+09:00"]
+    # Registered at 2026-11-01 01:00 in Tokyo: November's device, not October's.
+    DEVICES += [f"{account}-d18,{account},lte-m,2026-10-31T16:00:00Z"]
+    EVENTS += [f"2026-10-10T12:00:00+09:00,{account}-d{n},inactive,console" for n in range(1, 5)]
+    EVENTS += [f"2026-10-25T18:00:00+09:00,{account}-d5,inactive,heartbeat"]
+
+
+def ok(result: object) -> dict[str, object]:
+    assert result.code == 0, result.stderr  # type: ignore[attr-defined]
+    body = result.json()  # type: ignore[attr-defined]
+    assert isinstance(body, dict)
+    return body
+
+
+@pytest.fixture
+def imported(cli: Cli, tmp_path: Path) -> Cli:
+    for ref, plan in (("acme", "standard"), ("vol", "standard-volume")):
+        ok(
+            cli(
+                "accounts",
+                "create",
+                "--ref",
+                ref,
+                "--name",
+                ref.upper(),
+                "--plan",
+                plan,
+                "--country",
+                "JP",
+                "--tz",
+                "Asia/Tokyo",
+                "--signed-up",
+                "2026-09-01",
+            )
+        )
+    devices, events = tmp_path / "devices.csv", tmp_path / "events.csv"
+    devices.write_text("\n".join(DEVICES) + "\n")
+    events.write_text("\n".join(EVENTS) + "\n")
+    body = ok(cli("import", "--devices", str(devices), "--events", str(events)))
+    assert (body["devices"], body["events"]) == (36, 10)
+    return cli
+
+
+def test_october_peaks_at_12_and_bills_3500_graduated_3000_volume(
+    imported: Cli, tmp_path: Path
+) -> None:
+    cli = imported
+    usage = ok(cli("usage", "--account", "acme", "--month", "2026-10", "--evidence"))
+    assert usage["status"] == "preliminary"
+    assert usage["classes"] == {
+        "lte-m": {
+            "peak": 12,
+            "peak_at": "2026-10-05T00:00:00Z",
+            "devices": sorted(f"acme-d{n}" for n in range(1, 13)),
+        }
+    }
+
+    # With a webhook configured, each statement closed is queued for delivery with it.
+    hooked = Cli({**cli.env, "DEVMETER_WEBHOOK_URL": "http://127.0.0.1:9/billing"}, cli.cwd)
+    closed = ok(hooked("close", "--month", "2026-10"))
+    assert closed["closed"] == ["acme", "vol"]
+    queued = "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"
+    assert count(cli.env["DEVMETER_DATABASE_URL"], queued) == 2
+    assert ok(cli("close", "--month", "2026-10"))["already_closed"] == ["acme", "vol"]
+
+    statement = ok(cli("statement", "--account", "acme", "--month", "2026-10"))
+    assert {k: statement[k] for k in ("status", "currency", "subtotal", "due_date")} == {
+        "status": "final",
+        "currency": "JPY",
+        "subtotal": "3500",
+        "due_date": "2026-11-30",
+    }
+    assert [(x["quantity"], x["unit_price"], x["amount"]) for x in statement["lines"]] == [  # type: ignore[attr-defined]
+        (10, "300", "3000"),
+        (2, "250", "500"),
+    ]
+    assert statement["usage"] == {"lte-m": {"peak": 12, "peak_at": "2026-10-05T00:00:00Z"}}
+    volume = ok(cli("statement", "--account", "vol", "--month", "2026-10"))
+    assert volume["subtotal"] == "3000"
+    assert [(x["quantity"], x["unit_price"]) for x in volume["lines"]] == [(12, "250")]  # type: ignore[attr-defined]
+
+    november = ok(cli("usage", "--account", "acme", "--month", "2026-11"))
+    assert november["status"] == "preliminary"
+    assert november["classes"]["lte-m"]["peak"] == 13  # type: ignore[index]
+
+    out = tmp_path / "october.csv"
+    first = ok(cli("export", "--month", "2026-10", "--format", "csv", "--out", str(out)))
+    data = out.read_bytes()
+    assert first["sha256"] == hashlib.sha256(data).hexdigest()
+    assert first["rows"] == 3
+    again = ok(cli("export", "--month", "2026-10", "--format", "csv", "--out", str(out)))
+    assert again["sha256"] == first["sha256"]
+    assert out.read_bytes() == data
+    to_stdout = cli("export", "--month", "2026-10", "--format", "jsonl")
+    assert to_stdout.code == 0
+    assert to_stdout.stdout.count("\n") == 3
+    assert '"amount_due":"3500"' in to_stdout.stdout
+
+
+def test_refusals_are_one_line(imported: Cli) -> None:
+    cli = imported
+    for args, message in [
+        (("close", "--month", "2026-13"), "month must be 01 to 12"),
+        (("close", "--month", "2026-10", "--account", "nobody"), "unknown account"),
+        (("export", "--month", "2026-10"), "close the month first"),
+        (("statement", "--account", "acme", "--month", "2030-01"), "has not started yet"),
+        (("usage", "--account", "acme", "--month", "October"), "YYYY-MM"),
+    ]:
+        result = cli(*args)
+        assert result.code == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -25,7 +25,7 @@ from psycopg.rows import class_row, dict_row
 from devmeter.errors import ConflictError, InvalidError
 from metering.catalog import Catalog
 from metering.peak import ClassPeak, month_bounds, parse_month
-from metering.peak_sql import sql_peaks, sql_peaks_many
+from metering.peak_frame import peaks, peaks_many
 from metering.pricing import Line, price_month
 from metering.registry import Account, get_account
 
@@ -106,9 +106,7 @@ def get_usage(conn: Conn, account_ref: str, month: str, *, now: datetime) -> Usa
     if stored is not None:
         return Usage(account.ref, month, "final", start, end, _stored_peaks(conn, stored["id"]))
     _refuse_future(account, month, start, now)
-    return Usage(
-        account.ref, month, "preliminary", start, end, sql_peaks(conn, account.id, start, end)
-    )
+    return Usage(account.ref, month, "preliminary", start, end, peaks(conn, account.id, start, end))
 
 
 def get_statement(
@@ -120,8 +118,8 @@ def get_statement(
         return _stored_statement(conn, account, month, stored)
     start, end = month_bounds(month, account.timezone)
     _refuse_future(account, month, start, now)
-    peaks = sql_peaks(conn, account.id, start, end)
-    return _price(catalog, account, month, start, end, peaks, status="preliminary")
+    classes = peaks(conn, account.id, start, end)
+    return _price(catalog, account, month, start, end, classes, status="preliminary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +329,7 @@ def close_month(
         start, end = month_bounds(month, tz)
         try:
             with connect() as conn:
-                peaks = sql_peaks_many(conn, [a.id for a in group], start, end)
+                peaks = peaks_many(conn, [a.id for a in group], start, end)
         except psycopg.Error as exc:
             for account in group:
                 _record_failure(connect, report, account, month, exc)

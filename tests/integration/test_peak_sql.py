@@ -1,4 +1,5 @@
-"""The SQL peak (metering.peak_sql) against the pure one (metering.peak) on the same events."""
+"""The database peaks against the pure one (metering.peak) on the same events: the SQL path
+(metering.peak_sql) and the NumPy path the close uses (metering.peak_frame)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from devmeter.db import connect
 from metering.peak import ClassPeak, Event, compute_peaks, month_bounds
+from metering.peak_frame import Unusable, frame_peaks_many, peaks, peaks_many
 from metering.peak_sql import sql_peaks, sql_peaks_many
 
 Conn = psycopg.Connection[dict[str, object]]
@@ -192,3 +194,72 @@ def test_planner_settings_are_the_callers_again_afterwards(conn: Conn) -> None:
         conn.execute("SET LOCAL jit = on")
         sql_peaks(conn, 1, START, END)
         assert planner_settings(conn) == {"work_mem": "5MB", "jit": "on"}
+
+
+# --- the NumPy path -------------------------------------------------------------------------
+
+
+def register(conn: Conn, account_id: int, events: Sequence[Event]) -> None:
+    """The account and a ``devices`` row for each device the events name: the NumPy path
+    takes device ids, accounts and classes from there."""
+    conn.execute(
+        "INSERT INTO accounts (id, ref, name, plan, country, timezone, signed_up_on)"
+        " OVERRIDING SYSTEM VALUE VALUES (%s, %s, 'A', 'standard', 'JP', 'Asia/Tokyo',"
+        " '2026-01-01') ON CONFLICT DO NOTHING",
+        (account_id, f"acct{account_id}"),
+    )
+    for device_id, device_class in sorted({(e.device_id, e.device_class) for e in events}):
+        conn.execute(
+            "INSERT INTO devices (id, account_id, device_class, key_prefix, key_hash,"
+            " registered_at, state, state_at) VALUES (%s, %s, %s, 'dmk_test',"
+            " sha256(convert_to(%s, 'UTF8')), %s, 'active', %s)",
+            (device_id, account_id, device_class, device_id, START, START),
+        )
+
+
+def renamed(events: list[Event], prefix: str) -> list[Event]:
+    """The same timeline under other device ids: ids are unique across accounts."""
+    return [Event(e.time, prefix + e.device_id, e.device_class, e.state, e.order) for e in events]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(first=event_lists(ORDERS), second=event_lists(ORDERS))
+def test_numpy_path_agrees_with_compute_peaks(
+    conn: Conn, first: list[Event], second: list[Event]
+) -> None:
+    second = renamed(second, "z")
+    with conn.transaction(force_rollback=True):
+        for account_id, events in ((1, first), (2, second)):
+            register(conn, account_id, events)
+            insert(conn, account_id, events)
+        register(conn, 3, [])
+
+        expected = {1: compute_peaks(first, START, END), 2: compute_peaks(second, START, END)}
+        # Called directly: a silent fall back to SQL would prove nothing about this path.
+        assert frame_peaks_many(conn, [1, 2, 3], START, END) == {**expected, 3: {}}
+        assert peaks(conn, 1, START, END) == expected[1]
+
+
+def test_numpy_path_on_the_worked_example(conn: Conn) -> None:
+    events = worked_example()
+    register(conn, 1, events)
+    insert(conn, 1, events)
+    assert frame_peaks_many(conn, [1], START, END) == {1: sql_peaks(conn, 1, START, END)}
+    assert frame_peaks_many(conn, [1], START, END)[1]["lte-m"].peak == 12
+    assert frame_peaks_many(conn, [], START, END) == {}
+
+
+def test_an_event_of_an_unregistered_device_goes_to_the_sql_path(
+    conn: Conn, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = worked_example()
+    register(conn, 1, [e for e in events if e.device_id != "d17"])
+    insert(conn, 1, events)  # d17, Active within the month, has no devices row
+    with pytest.raises(Unusable, match="devices table does not have"):
+        frame_peaks_many(conn, [1], START, END)
+    assert peaks_many(conn, [1], START, END) == {1: compute_peaks(events, START, END)}
+    assert "computed in SQL instead" in caplog.text

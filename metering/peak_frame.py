@@ -1,0 +1,275 @@
+"""Monthly peaks for many accounts at once, computed in NumPy over one binary COPY (SPEC M1-M3).
+
+The month close's path. PostgreSQL's window functions (``metering.peak_sql``) take about a
+microsecond per row per sort and window pass, four passes in all; here PostgreSQL only streams
+four fixed-width columns per event, which NumPy reads in place and sorts on integer keys.
+
+Devices travel once, as a dictionary (the ``devices`` rows of the accounts, with a 64-bit hash
+of each id); events carry that hash instead of the id. Should two devices of the accounts share
+a hash, or an event name a device the dictionary lacks, this answer would be wrong: ``peaks_many``
+then logs why and asks the SQL path instead.
+
+The same rules as ``metering.peak.compute_peaks``, held to it by tests/integration/test_peak_sql.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from psycopg.rows import tuple_row
+
+from metering.peak import ClassPeak
+from metering.peak_sql import sql_peaks_many
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL's binary timestamptz: microseconds since 2000-01-01 UTC.
+_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00"
+
+# One row of the COPY below: a field count, then each field as a length and big-endian bytes.
+_ROW: Final = np.dtype(
+    [
+        ("fields", ">i2"),
+        ("len_device", ">i4"),
+        ("device", ">i8"),
+        ("len_time", ">i4"),
+        ("time", ">i8"),
+        ("len_id", ">i4"),
+        ("id", ">i8"),
+        ("len_active", ">i4"),
+        ("active", "u1"),
+    ]
+)
+
+_DEVICES: Final = """
+SELECT id, account_id, device_class, hashtextextended(id, 0) AS hash
+FROM devices WHERE account_id = ANY(%(account_ids)s::bigint[])
+"""
+
+# `time < end` only: history before the month gives each device's state when it starts (M2).
+_EVENTS: Final = """
+COPY (
+    SELECT hashtextextended(device_id, 0), time, id, state = 'active'
+    FROM device_state_events
+    WHERE account_id = ANY(%(account_ids)s::bigint[]) AND time < %(end)s::timestamptz
+) TO STDOUT (FORMAT binary)
+"""
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+class Unusable(Exception):
+    """The events cannot be read this way (see the module); the SQL path still can."""
+
+
+def peaks_many(
+    conn: psycopg.Connection[Any], account_ids: Sequence[int], start: datetime, end: datetime
+) -> dict[int, dict[str, ClassPeak]]:
+    """Peaks per class for each account over the shared ``[start, end)``.
+
+    Every requested account is a key; one without devices maps to ``{}``.
+    """
+    try:
+        return frame_peaks_many(conn, account_ids, start, end)
+    except Unusable as exc:
+        log.warning("peaks of %d account(s) computed in SQL instead: %s", len(account_ids), exc)
+        return sql_peaks_many(conn, account_ids, start, end)
+
+
+def peaks(
+    conn: psycopg.Connection[Any], account_id: int, start: datetime, end: datetime
+) -> dict[str, ClassPeak]:
+    """One account's peaks per class over ``[start, end)``."""
+    return peaks_many(conn, [account_id], start, end)[account_id]
+
+
+def frame_peaks_many(
+    conn: psycopg.Connection[Any], account_ids: Sequence[int], start: datetime, end: datetime
+) -> dict[int, dict[str, ClassPeak]]:
+    """``peaks_many`` in NumPy; raises ``Unusable`` where that would be wrong."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware")
+    result: dict[int, dict[str, ClassPeak]] = {account_id: {} for account_id in account_ids}
+    if not result:
+        return result
+    params = {"account_ids": list(result), "end": end}
+    # One snapshot for the dictionary and the events when this opens the transaction; inside
+    # a caller's, a device registered in between only sends the caller to the SQL path.
+    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+        if idle:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        devices = cur.execute(_DEVICES, params).fetchall()
+        data = bytearray()
+        with cur.copy(_EVENTS, params) as copy:
+            for chunk in copy:
+                data += chunk
+    rows = _parse(data)
+    dictionary = _Dictionary(devices)
+    device = dictionary.lookup(rows["device"].astype(np.int64))
+    peaks = _peaks(
+        device=device,
+        group=dictionary.group[device],
+        time=rows["time"].astype(np.int64),
+        order=rows["id"].astype(np.int64),
+        active=rows["active"].astype(np.bool_),
+        start=_micros(start),
+    )
+    for group, peak, peak_at, members in peaks:
+        account_id, device_class = dictionary.groups[group]
+        result[account_id][device_class] = ClassPeak(
+            device_class,
+            peak,
+            _PG_EPOCH + timedelta(microseconds=peak_at),
+            tuple(sorted(dictionary.ids[i] for i in members)),
+        )
+    return result
+
+
+def _micros(at: datetime) -> int:
+    return (at - _PG_EPOCH) // timedelta(microseconds=1)
+
+
+def _parse(data: bytearray) -> np.ndarray[Any, np.dtype[np.void]]:
+    """The COPY's rows, read in place."""
+    if not data.startswith(_SIGNATURE):
+        raise Unusable("the COPY stream has no binary signature")
+    extension = int.from_bytes(data[15:19], "big")
+    offset = 19 + extension
+    body = len(data) - offset - 2  # the trailer is a field count of -1
+    if body < 0 or body % _ROW.itemsize or data[-2:] != b"\xff\xff":
+        raise Unusable("the COPY stream's rows are not of the expected width")
+    rows = np.frombuffer(data, dtype=_ROW, count=body // _ROW.itemsize, offset=offset)
+    expected = (4, 8, 8, 8, 1)
+    actual = ("fields", "len_device", "len_time", "len_id", "len_active")
+    if any(bool((rows[name] != value).any()) for name, value in zip(actual, expected, strict=True)):
+        raise Unusable("the COPY stream's fields are not of the expected widths")
+    return rows
+
+
+class _Dictionary:
+    """The accounts' devices: hash → device index, and each device's (account, class) group."""
+
+    def __init__(self, devices: list[tuple[Any, ...]]) -> None:
+        by_hash = sorted(devices, key=lambda d: d[3])
+        self.ids: list[str] = [d[0] for d in by_hash]
+        # Sorted; a device's index in `ids` is its position here.
+        self.hashes: IntArray = np.fromiter((d[3] for d in by_hash), np.int64, len(by_hash))
+        if bool((self.hashes[1:] == self.hashes[:-1]).any()):
+            raise Unusable("two devices' ids have the same 64-bit hash")
+        groups: dict[tuple[int, str], int] = {}
+        self.group: IntArray = np.fromiter(
+            (groups.setdefault((d[1], d[2]), len(groups)) for d in by_hash),
+            np.int64,
+            len(by_hash),
+        )
+        self.groups = list(groups)
+
+    def lookup(self, hashes: IntArray) -> IntArray:
+        """Each hash's device index."""
+        if len(hashes) == 0:
+            return np.empty(0, np.int64)
+        index = np.searchsorted(self.hashes, hashes)
+        found = len(self.hashes) > 0 and bool(
+            (self.hashes[np.minimum(index, len(self.hashes) - 1)] == hashes).all()
+        )
+        if not found:
+            raise Unusable("an event names a device that the devices table does not have")
+        return index.astype(np.int64)
+
+
+def _peaks(
+    *,
+    device: IntArray,
+    group: IntArray,
+    time: IntArray,
+    order: IntArray,
+    active: BoolArray,
+    start: int,
+) -> list[tuple[int, int, int, IntArray]]:
+    """(group, peak, peak_at, devices at the peak) for every group with an event.
+
+    The same steps as the SQL path: each event's change to its device's state, then a running
+    count per group over instants, counted once an instant is complete (M3).
+    """
+    if len(device) == 0:
+        return []
+    # Each device's events in replay order: time, then id (the later-recorded wins, D3), then
+    # Inactive after Active only to settle exact duplicates, as compute_peaks does.
+    by_device = np.lexsort((~active, order, time, device))
+    device, group, time = device[by_device], group[by_device], time[by_device]
+    active = active[by_device]
+    # History at or before the month's start collapses into its first instant.
+    instant = np.maximum(time, start)
+    first = np.ones(len(device), np.bool_)
+    first[1:] = device[1:] != device[:-1]
+    previous = np.zeros(len(device), np.bool_)
+    previous[1:] = active[:-1]
+    previous[first] = False
+    change = active.astype(np.int64) - previous.astype(np.int64)
+    # The instant the device's next event takes over; the last event holds to the month's end.
+    last = np.ones(len(device), np.bool_)
+    last[:-1] = first[1:]
+    until = np.empty(len(device), np.int64)
+    until[:-1] = instant[1:]
+    until[last] = np.iinfo(np.int64).max
+
+    # Running counts per group over instants. An instant's changes telescope, so their order
+    # within it does not matter; only rows that change something, and one per device so that
+    # a group never Active still has a row.
+    keep = (change != 0) | first
+    g, t, c = group[keep], instant[keep], change[keep]
+    by_instant = np.lexsort((t, g))
+    g, t, c = g[by_instant], t[by_instant], c[by_instant]
+    running = np.cumsum(c)
+    group_start = np.ones(len(g), np.bool_)
+    group_start[1:] = g[1:] != g[:-1]
+    starts = np.flatnonzero(group_start)
+    # The running sum restarts at each group: subtract what the groups before it summed.
+    before = running[starts] - c[starts]
+    count = running - np.repeat(before, np.diff(np.append(starts, len(g))))
+    # A row's count stands only once its instant is complete: the last row of each instant.
+    complete = np.ones(len(g), np.bool_)
+    complete[:-1] = (g[1:] != g[:-1]) | (t[1:] != t[:-1])
+    # Incomplete rows count as 0, which never beats a group's peak (at least 0).
+    counted = np.where(complete, count, 0)
+    peak = np.maximum.reduceat(counted, starts)
+    peak_of_row = np.repeat(peak, np.diff(np.append(starts, len(g))))
+    reaching = np.flatnonzero(complete & (counted == peak_of_row) & (peak_of_row > 0))
+    # Rows are sorted by instant within a group, so the first reaching row is the first instant.
+    reaching_group = g[reaching]
+    first_reach = np.ones(len(reaching), np.bool_)
+    first_reach[1:] = reaching_group[1:] != reaching_group[:-1]
+    peak_at_of_group = np.full(int(group.max()) + 1, start, np.int64)
+    peak_at_of_group[reaching_group[first_reach]] = t[reaching[first_reach]]
+    peak_of_group = np.zeros(int(group.max()) + 1, np.int64)
+    peak_of_group[g[starts]] = peak
+
+    # Evidence: the devices whose event holding at the group's peak instant is Active.
+    at = peak_at_of_group[group]
+    holding = active & (instant <= at) & (until > at) & (peak_of_group[group] > 0)
+    members_group, members = group[holding], device[holding]
+    by_group = np.argsort(members_group, kind="stable")
+    members_group, members = members_group[by_group], members[by_group]
+    bounds = np.searchsorted(members_group, np.arange(len(peak_of_group) + 1))
+
+    result: list[tuple[int, int, int, IntArray]] = []
+    for index in g[starts].tolist():
+        group_members = members[bounds[index] : bounds[index + 1]]
+        # The sweep and the evidence disagreeing would be a bug here: never bill on it.
+        if len(group_members) != peak_of_group[index]:
+            raise AssertionError(
+                f"group {index}: {len(group_members)} devices at a peak of {peak_of_group[index]}"
+            )
+        result.append(
+            (index, int(peak_of_group[index]), int(peak_at_of_group[index]), group_members)
+        )
+    return result

@@ -3,8 +3,8 @@
 A closed month is read back exactly as it was stored; an open one is computed from the
 state events each time it is asked for and is never written. Closing is the only writer:
 it inserts with ON CONFLICT on (account, month), so a second closer waits for the first and
-then does nothing, and it commits each account on its own so that one failing account cannot
-stop the others.
+then does nothing. Accounts commit in batches; a failed batch is retried one account per
+transaction, so that one failing account cannot stop the others.
 """
 
 from __future__ import annotations
@@ -290,10 +290,10 @@ def close_month(
 ) -> CloseReport:
     """Close ``month`` for one account or all; idempotent and safe to run concurrently.
 
-    ``connect`` opens a fresh connection: each account commits on its own. Peaks are
-    computed for all due accounts of a time zone in one query; a second closer that loses
-    the race for an account finds its statement under the lock and does nothing.
-    ``on_closed(conn, statement_id)`` runs inside the account's transaction (the webhook
+    ``connect`` opens a fresh connection (one per time zone, and after a failure). Peaks are
+    computed for all due accounts of a time zone at once; a second closer that loses the
+    race for an account finds its statement under the lock and does nothing.
+    ``on_closed(conn, statement_id)`` runs inside the transaction that inserts it (the webhook
     outbox uses it, so a delivery exists exactly when the statement does).
     """
     import time
@@ -350,28 +350,53 @@ def _close_group(
     peaks: dict[int, dict[str, ClassPeak]],
     on_closed: Callable[[Conn, int], None] | None,
 ) -> None:
-    """One transaction per account on one connection: a connection per account cost more
-    than the inserts (1,000 accounts: ~16 s of connects). A failed account rolls back alone;
-    a broken connection is replaced."""
+    """The group's statements, a batch of accounts per transaction on one connection.
+
+    A transaction per account cost a commit (a WAL flush) each, more than the inserts. Should
+    a batch fail, its accounts are tried again one per transaction, so a failing account
+    rolls back alone and the others close; a broken connection is replaced.
+    """
     first = month_start(month)
     conn: Conn | None = None
     try:
-        for account in group:
+        for offset in range(0, len(group), _BATCH):
+            priced: list[tuple[Account, Statement]] = []
+            for account in group[offset : offset + _BATCH]:
+                try:
+                    statement = _price(
+                        catalog, account, month, start, end, peaks[account.id], status="final"
+                    )
+                except Exception as exc:  # one account's failure must not stop the others
+                    _record_failure(connect, report, account, month, exc)
+                else:
+                    priced.append((account, statement))
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = connect()
-                statement = _price(
-                    catalog, account, month, start, end, peaks[account.id], status="final"
+                _insert_statements(conn, first, priced, on_closed, report)
+                continue
+            except Exception:
+                log.warning(
+                    "closing %s: a batch of %d accounts failed; closing them one at a time",
+                    month,
+                    len(priced),
+                    exc_info=True,
                 )
-                if _insert_statement(conn, account, first, statement, on_closed):
-                    report.closed.append(account.ref)
-                else:
-                    report.already_closed.append(account.ref)
-            except Exception as exc:  # one account's failure must not stop the others
-                _record_failure(connect, report, account, month, exc)
+            for account, statement in priced:
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = connect()
+                    _insert_statements(conn, first, [(account, statement)], on_closed, report)
+                except Exception as exc:  # one account's failure must not stop the others
+                    _record_failure(connect, report, account, month, exc)
     finally:
         if conn is not None:
             conn.close()
+
+
+#: Accounts per transaction when closing: large enough that the commit is a small part of
+#: the batch, small enough that the statement's arrays stay a few megabytes.
+_BATCH: Final = 500
 
 
 def _accounts(conn: Conn, account_ref: str | None) -> list[Account]:
@@ -381,90 +406,110 @@ def _accounts(conn: Conn, account_ref: str | None) -> list[Account]:
         return cur.execute("SELECT * FROM accounts ORDER BY ref").fetchall()
 
 
-def _insert_statement(
+def _insert_statements(
     conn: Conn,
-    account: Account,
     first: date,
-    statement: Statement,
+    priced: list[tuple[Account, Statement]],
     on_closed: Callable[[Conn, int], None] | None,
-) -> bool:
+    report: CloseReport,
+) -> None:
+    """The statements, their lines and peaks in one transaction; the report once committed."""
+    if not priced:
+        return
+    statements = [statement for _, statement in priced]
+    lines = [(account.id, n, x) for account, st in priced for n, x in enumerate(st.lines, 1)]
+    peaks = [(account.id, p) for account, st in priced for p in st.peaks.values()]
     with conn.transaction():
-        lines = statement.lines
-        peaks = list(statement.peaks.values())
-        row = conn.execute(
-            _INSERT_STATEMENT,
+        rows = conn.execute(
+            _INSERT_STATEMENTS,
             {
-                "account_id": account.id,
                 "month": first,
-                "timezone": account.timezone,
-                "period_start": statement.period_start,
-                "period_end": statement.period_end,
-                "plan": statement.plan,
-                "currency": statement.currency,
-                "subtotal": statement.subtotal,
-                "tax_rate": statement.tax_rate,
-                "tax": statement.tax,
-                "credits_applied": statement.credits_applied,
-                "amount_due": statement.amount_due,
-                "due_date": statement.due_date,
                 "closed_by": _CLOSER,
-                "line_no": list(range(1, len(lines) + 1)),
-                "kind": [x.kind for x in lines],
-                "device_class": [x.device_class for x in lines],
-                "description": [x.description for x in lines],
-                "quantity": [x.quantity for x in lines],
-                "unit_price": [x.unit_price for x in lines],
-                "amount": [x.amount for x in lines],
-                "tier": [x.tier for x in lines],
-                "tier_from": [x.tier_from for x in lines],
-                "tier_to": [x.tier_to for x in lines],
-                "peak_class": [p.device_class for p in peaks],
-                "peak": [p.peak for p in peaks],
-                "peak_at": [p.peak_at for p in peaks],
+                "account_id": [account.id for account, _ in priced],
+                "timezone": [account.timezone for account, _ in priced],
+                "period_start": [x.period_start for x in statements],
+                "period_end": [x.period_end for x in statements],
+                "plan": [x.plan for x in statements],
+                "currency": [x.currency for x in statements],
+                "subtotal": [x.subtotal for x in statements],
+                "tax_rate": [x.tax_rate for x in statements],
+                "tax": [x.tax for x in statements],
+                "credits_applied": [x.credits_applied for x in statements],
+                "amount_due": [x.amount_due for x in statements],
+                "due_date": [x.due_date for x in statements],
+                "line_account": [account_id for account_id, _, _ in lines],
+                "line_no": [n for _, n, _ in lines],
+                "kind": [x.kind for _, _, x in lines],
+                "device_class": [x.device_class for _, _, x in lines],
+                "description": [x.description for _, _, x in lines],
+                "quantity": [x.quantity for _, _, x in lines],
+                "unit_price": [x.unit_price for _, _, x in lines],
+                "amount": [x.amount for _, _, x in lines],
+                "tier": [x.tier for _, _, x in lines],
+                "tier_from": [x.tier_from for _, _, x in lines],
+                "tier_to": [x.tier_to for _, _, x in lines],
+                "peak_account": [account_id for account_id, _ in peaks],
+                "peak_class": [p.device_class for _, p in peaks],
+                "peak": [p.peak for _, p in peaks],
+                "peak_at": [p.peak_at for _, p in peaks],
                 # text[][] cannot be ragged: each device list travels as one string.
-                "device_ids": ["\x1f".join(p.device_ids) for p in peaks],
+                "device_ids": ["\x1f".join(p.device_ids) for _, p in peaks],
             },
-        ).fetchone()
-        if row is None:
-            # Another closer got there first (the unique key waited for it): nothing to do.
-            return False
-        statement_id = int(row["id"])
+        ).fetchall()
+        inserted = {int(row["account_id"]): int(row["id"]) for row in rows}
         if on_closed is not None:
-            on_closed(conn, statement_id)
-    return True
+            for statement_id in inserted.values():
+                on_closed(conn, statement_id)
+    for account, _ in priced:
+        # Not inserted: another closer got there first (the unique key waited for it).
+        (report.closed if account.id in inserted else report.already_closed).append(account.ref)
 
 
 _CLOSER = f"{socket.gethostname()}:{os.getpid()}"
 
-# One statement writes the statement, its lines and its peaks (and clears a recorded failure).
-_INSERT_STATEMENT: Final = """
+# One statement writes the statements, their lines and peaks (and clears recorded failures).
+_INSERT_STATEMENTS: Final = """
 WITH s AS (
     INSERT INTO statements (account_id, month, timezone, period_start, period_end, plan,
         currency, subtotal, tax_rate, tax, credits_applied, amount_due, due_date, closed_by)
-    VALUES (%(account_id)s, %(month)s, %(timezone)s, %(period_start)s, %(period_end)s,
-        %(plan)s, %(currency)s, %(subtotal)s, %(tax_rate)s, %(tax)s, %(credits_applied)s,
-        %(amount_due)s, %(due_date)s, %(closed_by)s)
-    -- Idempotent close: a second closer's insert waits for the first to commit, then does
-    -- nothing, and the lines and peaks below have no statement to attach to.
+    SELECT i.account_id, %(month)s, i.timezone, i.period_start, i.period_end, i.plan,
+        i.currency, i.subtotal, i.tax_rate, i.tax, i.credits_applied, i.amount_due,
+        i.due_date, %(closed_by)s
+    FROM unnest(%(account_id)s::bigint[], %(timezone)s::text[], %(period_start)s::timestamptz[],
+        %(period_end)s::timestamptz[], %(plan)s::text[], %(currency)s::text[],
+        %(subtotal)s::numeric[], %(tax_rate)s::numeric[], %(tax)s::numeric[],
+        %(credits_applied)s::numeric[], %(amount_due)s::numeric[], %(due_date)s::date[])
+        AS i(account_id, timezone, period_start, period_end, plan, currency, subtotal,
+             tax_rate, tax, credits_applied, amount_due, due_date)
+    -- Idempotent close: a second closer's insert waits for the first to commit, then skips
+    -- the account, whose lines and peaks below then have no statement to attach to.
     ON CONFLICT (account_id, month) DO NOTHING
-    RETURNING id
+    RETURNING id, account_id
 ), lines AS (
     INSERT INTO statement_lines (statement_id, line_no, kind, device_class, description,
         quantity, unit_price, amount, tier, tier_from, tier_to)
-    SELECT s.id, l.* FROM s, unnest(
-        %(line_no)s::int[], %(kind)s::text[], %(device_class)s::text[], %(description)s::text[],
-        %(quantity)s::int[], %(unit_price)s::numeric[], %(amount)s::numeric[], %(tier)s::int[],
-        %(tier_from)s::int[], %(tier_to)s::int[]) AS l
+    SELECT s.id, l.line_no, l.kind, l.device_class, l.description, l.quantity, l.unit_price,
+        l.amount, l.tier, l.tier_from, l.tier_to
+    FROM unnest(%(line_account)s::bigint[], %(line_no)s::int[], %(kind)s::text[],
+        %(device_class)s::text[], %(description)s::text[], %(quantity)s::int[],
+        %(unit_price)s::numeric[], %(amount)s::numeric[], %(tier)s::int[],
+        %(tier_from)s::int[], %(tier_to)s::int[])
+        AS l(account_id, line_no, kind, device_class, description, quantity, unit_price,
+             amount, tier, tier_from, tier_to)
+    JOIN s USING (account_id)
 ), peaks AS (
     INSERT INTO statement_peaks (statement_id, device_class, peak, peak_at, device_ids)
     SELECT s.id, p.device_class, p.peak, p.peak_at,
            CASE WHEN p.ids = '' THEN '{}'::text[] ELSE string_to_array(p.ids, E'\x1f') END
-    FROM s, unnest(%(peak_class)s::text[], %(peak)s::int[], %(peak_at)s::timestamptz[],
-        %(device_ids)s::text[]) AS p(device_class, peak, peak_at, ids)
+    FROM unnest(%(peak_account)s::bigint[], %(peak_class)s::text[], %(peak)s::int[],
+        %(peak_at)s::timestamptz[], %(device_ids)s::text[])
+        AS p(account_id, device_class, peak, peak_at, ids)
+    JOIN s USING (account_id)
 ), cleared AS (
-    DELETE FROM close_failures WHERE account_id = %(account_id)s AND month = %(month)s
+    DELETE FROM close_failures f USING s
+    WHERE f.account_id = s.account_id AND f.month = %(month)s
 )
-SELECT id FROM s
+SELECT account_id, id FROM s
 """
 
 

@@ -223,6 +223,48 @@ def test_one_failing_account_does_not_stop_the_others(
     assert left["n"] == 0
 
 
+def test_an_account_the_database_refuses_fails_alone(
+    database_url: str, opener: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    """Statements are inserted in batches; a batch the database refuses is retried one account
+    at a time, so only the refused account fails, and it is recorded for the retry."""
+    for ref in ("aaa", "bbb", "ccc"):
+        worked_example(database_url, ref)
+    with opener() as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION refuse_bbb() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.account_id = (SELECT id FROM accounts WHERE ref = 'bbb') THEN
+                    RAISE EXCEPTION 'statement of bbb refused by the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_bbb BEFORE INSERT ON statements
+                FOR EACH ROW EXECUTE FUNCTION refuse_bbb();
+            """
+        )
+    report = close_month(opener, CATALOG, "2026-10", now=NOW)
+    assert report.closed == ["aaa", "ccc"]
+    assert list(report.failed) == ["bbb"]
+    assert "refused by the test" in report.failed["bbb"]
+    with opener() as conn:
+        stored = conn.execute(
+            "SELECT a.ref, s.subtotal, (SELECT count(*) FROM statement_lines l"
+            " WHERE l.statement_id = s.id) AS lines FROM statements s"
+            " JOIN accounts a ON a.id = s.account_id ORDER BY a.ref"
+        ).fetchall()
+        failures = conn.execute(
+            "SELECT a.ref FROM close_failures f JOIN accounts a ON a.id = f.account_id"
+        ).fetchall()
+    # Each closed account's statement is whole: none of the failed batch's rows were kept.
+    assert [(r["ref"], r["subtotal"], r["lines"]) for r in stored] == [
+        ("aaa", Decimal(3500), 2),
+        ("ccc", Decimal(3500), 2),
+    ]
+    assert [r["ref"] for r in failures] == ["bbb"]
+
+
 def test_due_months_catch_up_from_sign_up(
     database_url: str, opener: Callable[[], psycopg.Connection[Any]]
 ) -> None:

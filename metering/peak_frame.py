@@ -15,7 +15,7 @@ The same rules as ``metering.peak.compute_peaks``, held to it by tests/integrati
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -51,10 +51,12 @@ _ROW: Final = np.dtype(
 _DEVICES: Final = """
 SELECT id, account_id, device_class, hashtextextended(id, 0) AS hash
 FROM devices WHERE account_id = ANY(%(account_ids)s::bigint[])
+ORDER BY hash
 """
 
 # `time < end` only: history before the month gives each device's state when it starts (M2).
-_EVENTS: Final = """
+# Public for bench/close.py, which times it alone.
+EVENTS_COPY: Final = """
 COPY (
     SELECT hashtextextended(device_id, 0), time, id, state = 'active'
     FROM device_state_events
@@ -109,15 +111,14 @@ def frame_peaks_many(
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         devices = cur.execute(_DEVICES, params).fetchall()
         data = bytearray()
-        with cur.copy(_EVENTS, params) as copy:
+        with cur.copy(EVENTS_COPY, params) as copy:
             for chunk in copy:
                 data += chunk
     rows = _parse(data)
     dictionary = _Dictionary(devices)
-    device = dictionary.lookup(rows["device"].astype(np.int64))
     peaks = _peaks(
-        device=device,
-        group=dictionary.group[device],
+        device=rows["device"].astype(np.int64),
+        group_of=dictionary.group_of,
         time=rows["time"].astype(np.int64),
         order=rows["id"].astype(np.int64),
         active=rows["active"].astype(np.bool_),
@@ -129,7 +130,7 @@ def frame_peaks_many(
             device_class,
             peak,
             _PG_EPOCH + timedelta(microseconds=peak_at),
-            tuple(sorted(dictionary.ids[i] for i in members)),
+            tuple(sorted(dictionary.ids_of(members))),
         )
     return result
 
@@ -156,24 +157,26 @@ def _parse(data: bytearray) -> np.ndarray[Any, np.dtype[np.void]]:
 
 
 class _Dictionary:
-    """The accounts' devices: hash → device index, and each device's (account, class) group."""
+    """The accounts' devices by hash: their ids and (account, class) groups."""
 
     def __init__(self, devices: list[tuple[Any, ...]]) -> None:
-        by_hash = sorted(devices, key=lambda d: d[3])
-        self.ids: list[str] = [d[0] for d in by_hash]
-        # Sorted; a device's index in `ids` is its position here.
-        self.hashes: IntArray = np.fromiter((d[3] for d in by_hash), np.int64, len(by_hash))
+        # Sorted by hash in SQL; a device's index in `ids` is its hash's position here.
+        self.ids: list[str] = [d[0] for d in devices]
+        self.hashes: IntArray = np.fromiter((d[3] for d in devices), np.int64, len(devices))
         if bool((self.hashes[1:] == self.hashes[:-1]).any()):
             raise Unusable("two devices' ids have the same 64-bit hash")
+        if bool((self.hashes[1:] < self.hashes[:-1]).any()):
+            raise Unusable("the devices did not come sorted by hash")
         groups: dict[tuple[int, str], int] = {}
         self.group: IntArray = np.fromiter(
-            (groups.setdefault((d[1], d[2]), len(groups)) for d in by_hash),
+            (groups.setdefault((d[1], d[2]), len(groups)) for d in devices),
             np.int64,
-            len(by_hash),
+            len(devices),
         )
+        #: (account id, class) of each group number.
         self.groups = list(groups)
 
-    def lookup(self, hashes: IntArray) -> IntArray:
+    def index(self, hashes: IntArray) -> IntArray:
         """Each hash's device index."""
         if len(hashes) == 0:
             return np.empty(0, np.int64)
@@ -185,17 +188,25 @@ class _Dictionary:
             raise Unusable("an event names a device that the devices table does not have")
         return index.astype(np.int64)
 
+    def group_of(self, hashes: IntArray) -> IntArray:
+        return self.group[self.index(hashes)]
+
+    def ids_of(self, hashes: IntArray) -> list[str]:
+        return [self.ids[i] for i in self.index(hashes).tolist()]
+
 
 def _peaks(
     *,
     device: IntArray,
-    group: IntArray,
+    group_of: Callable[[IntArray], IntArray],
     time: IntArray,
     order: IntArray,
     active: BoolArray,
     start: int,
 ) -> list[tuple[int, int, int, IntArray]]:
     """(group, peak, peak_at, devices at the peak) for every group with an event.
+
+    ``device`` is any integer key of the device; ``group_of`` gives the groups of distinct keys.
 
     The same steps as the SQL path: each event's change to its device's state, then a running
     count per group over instants, counted once an instant is complete (M3).
@@ -205,12 +216,14 @@ def _peaks(
     # Each device's events in replay order: time, then id (the later-recorded wins, D3), then
     # Inactive after Active only to settle exact duplicates, as compute_peaks does.
     by_device = np.lexsort((~active, order, time, device))
-    device, group, time = device[by_device], group[by_device], time[by_device]
-    active = active[by_device]
+    device, time, active = device[by_device], time[by_device], active[by_device]
     # History at or before the month's start collapses into its first instant.
     instant = np.maximum(time, start)
     first = np.ones(len(device), np.bool_)
     first[1:] = device[1:] != device[:-1]
+    # Groups looked up once per device, not per event.
+    heads = np.flatnonzero(first)
+    group = np.repeat(group_of(device[heads]), np.diff(np.append(heads, len(device))))
     previous = np.zeros(len(device), np.bool_)
     previous[1:] = active[:-1]
     previous[first] = False

@@ -31,14 +31,20 @@ def test_two_devices_with_one_hash_are_refused() -> None:
         _Dictionary([("a", 1, "lte-m", 42), ("b", 1, "lte-m", 42)])
 
 
+def test_devices_out_of_hash_order_are_refused() -> None:
+    with pytest.raises(Unusable, match="sorted by hash"):
+        _Dictionary([("a", 1, "lte-m", 7), ("b", 2, "wifi", -3)])
+
+
 def test_an_unknown_hash_is_refused() -> None:
-    dictionary = _Dictionary([("a", 1, "lte-m", 7), ("b", 2, "wifi", -3)])
-    assert dictionary.lookup(np.array([7, -3, 7], np.int64)).tolist() == [1, 0, 1]
-    assert [dictionary.ids[i] for i in (0, 1)] == ["b", "a"]
+    dictionary = _Dictionary([("b", 2, "wifi", -3), ("a", 1, "lte-m", 7)])
+    assert dictionary.ids_of(np.array([7, -3, 7], np.int64)) == ["a", "b", "a"]
+    assert dictionary.group_of(np.array([7, -3], np.int64)).tolist() == [1, 0]
+    assert dictionary.groups == [(2, "wifi"), (1, "lte-m")]
     with pytest.raises(Unusable, match="devices table does not have"):
-        dictionary.lookup(np.array([7, 8], np.int64))
+        dictionary.group_of(np.array([7, 8], np.int64))
     with pytest.raises(Unusable, match="devices table does not have"):
-        _Dictionary([]).lookup(np.array([7], np.int64))
+        _Dictionary([]).group_of(np.array([7], np.int64))
 
 
 def test_copy_rows_are_read_in_place() -> None:

@@ -12,8 +12,9 @@ Every scale gets the same accounts and devices (one seed), so the scales differ 
 events there are. Scratch databases are dropped at the end, also on Ctrl-C or SIGTERM.
 
 Progress goes to stderr; the table of figures, ratios and targets to stdout. When a target is
-missed the run also shows where the close spends its time: the peak query's plan as it ran
-(auto_explain) and, once per run, a cProfile of the close.
+missed the run also shows where the close spends its time: once per run, a cProfile of the
+close. Each scale also times the events' COPY out of PostgreSQL alone, unprocessed: the floor of
+the peak computation's design (metering.peak_frame), as the bare count is the floor of any.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ import os
 import platform
 import pstats
 import random
-import re
 import secrets
 import signal
 import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,7 +52,7 @@ from devmeter.migrate import ensure_month_partitions, migrate
 from metering import statements
 from metering.catalog import load_catalog
 from metering.peak import ACTIVE, ClassPeak, Event, compute_peaks, month_bounds
-from metering.peak_sql import Q as PEAK_QUERIES
+from metering.peak_frame import EVENTS_COPY, peaks_many
 from metering.peak_sql import sql_peaks_many
 from metering.statements import close_month, month_start
 
@@ -73,6 +73,11 @@ TIMEZONES_SQL = """
     CASE WHEN n %% 50 = 0 THEN 'UTC' WHEN n %% 50 = 25 THEN 'America/New_York'
          ELSE 'Asia/Tokyo' END
 """
+
+
+PeaksMany = Callable[
+    [psycopg.Connection[Any], Sequence[int], datetime, datetime], dict[int, dict[str, ClassPeak]]
+]
 
 
 def db(url: str, *, autocommit: bool = False) -> psycopg.Connection[dict[str, Any]]:
@@ -403,31 +408,16 @@ def bare_scan(url: str, start: datetime, end: datetime) -> tuple[float, float, i
     return timings[0], min(timings[1:]), count
 
 
-def commit_floor(url: str, commits: int) -> float:
-    """One small durable transaction per account on one open connection.
-
-    The close commits each account on its own (one failing account must not stop the others),
-    so however fast the rest, it cannot beat this: mostly the WAL flush of each commit.
-    """
-    with db(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE bench_commit_probe (n integer)")
-        started = time.perf_counter()
-        for n in range(commits):
-            with conn.transaction():
-                conn.execute("INSERT INTO bench_commit_probe VALUES (%s)", (n,))
-        seconds = time.perf_counter() - started
-        conn.execute("DROP TABLE bench_commit_probe")
-    return seconds
-
-
-def peaks_alone(url: str, month: str, tz_groups: dict[str, list[int]]) -> dict[str, float]:
-    """``sql_peaks_many`` per time zone, as close_month calls it (a fresh connection each)."""
+def peaks_alone(
+    url: str, month: str, tz_groups: dict[str, list[int]], compute: PeaksMany
+) -> dict[str, float]:
+    """``compute`` per time zone, as close_month calls it (a fresh connection each)."""
     result: dict[str, float] = {}
     for tz, ids in tz_groups.items():
         start, end = month_bounds(month, tz)
         started = time.perf_counter()
         with db(url) as conn:
-            sql_peaks_many(conn, ids, start, end)
+            compute(conn, ids, start, end)
         result[tz] = time.perf_counter() - started
     return result
 
@@ -564,67 +554,18 @@ def naive_loop(
     return time.perf_counter() - started, len(chosen), total, peaks
 
 
-_ID_ARRAY = re.compile(r"'\{[0-9,]+\}'::bigint\[\]")
-_EMPTY_SCAN = re.compile(
-    r"->  (Parallel )?Seq Scan on .*actual time=[0-9.]+\.\.[0-9.]+ rows=0 loops="
-)
-
-
-def explain_peaks(url: str, month: str, tz: str, ids: list[int]) -> str:
-    """The plan of the peak query for one zone's accounts, exactly as the close runs it.
-
-    auto_explain inside a real ``sql_peaks_many`` call, so the plan reflects whatever settings
-    metering/peak_sql.py applies around its statement; the plan comes back as a LOG notice.
-    Where auto_explain cannot be loaded (not a superuser), a plain EXPLAIN instead.
-    """
-    start, end = month_bounds(month, tz)
-    notices: list[str] = []
-    with db(url) as conn:
-        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-        try:
-            conn.execute("LOAD 'auto_explain'")
-        except psycopg.Error as exc:
-            conn.rollback()
-            say(f"  auto_explain unavailable ({type(exc).__name__}); plain EXPLAIN")
-            rows = conn.execute(
-                "EXPLAIN (ANALYZE, BUFFERS) " + PEAK_QUERIES["select_class_peaks"],
-                {"account_ids": ids, "start": start, "end": end},
-            ).fetchall()
-            plan = [str(next(iter(r.values()))) for r in rows]
-        else:
-            for setting, value in (
-                ("auto_explain.log_min_duration", "100ms"),
-                ("auto_explain.log_analyze", "on"),
-                ("auto_explain.log_buffers", "on"),
-                ("client_min_messages", "log"),
-            ):
-                conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
-            sql_peaks_many(conn, ids, start, end)
-            conn.rollback()
-            text = max(notices, key=len, default="").splitlines()
-            # The logged query text comes first; the plan starts at its first costed node.
-            first = next((i for i, line in enumerate(text) if "(cost=" in line), len(text))
-            plan = [*text[:1], *text[first:]]
-    return _readable_plan(plan, len(ids))
-
-
-def _readable_plan(lines: list[str], ids: int) -> str:
-    """The thousand account ids in each partition's filter and empty partitions' scans go."""
-    kept: list[str] = []
-    empty = 0
-    skipping = False
-    for line in lines:
-        if _EMPTY_SCAN.search(line):
-            empty += 1
-            skipping = True
-            continue
-        if skipping and line.lstrip().startswith(("Filter:", "Buffers:", "Worker ")):
-            continue
-        skipping = False
-        kept.append(_ID_ARRAY.sub(f"'{{<{ids} account ids>}}'::bigint[]", line))
-    if empty:
-        kept.append(f"({empty} scans of empty partitions left out)")
-    return "\n".join(kept)
+def copy_floor(url: str, month: str, tz_groups: dict[str, list[int]]) -> float:
+    """The events' COPY that ``peaks_many`` reads, per time zone, read and thrown away."""
+    seconds = 0.0
+    for tz, ids in tz_groups.items():
+        _start, end = month_bounds(month, tz)
+        with db(url) as conn:
+            started = time.perf_counter()
+            with conn.cursor().copy(EVENTS_COPY, {"account_ids": ids, "end": end}) as copy:
+                for _chunk in copy:
+                    pass
+            seconds += time.perf_counter() - started
+    return seconds
 
 
 def wipe_statements(url: str) -> None:
@@ -664,7 +605,7 @@ def profile_close(url: str, month: str, now: datetime) -> tuple[float, dict[str,
     stats = pstats.Stats(profiler)
     parts: dict[str, float] = {}
     wanted = {
-        ("peak_sql.py", "sql_peaks_many"): "sql_peaks_many (peak query)",
+        ("peak_frame.py", "peaks_many"): "peaks_many (peaks)",
         ("db.py", "connect"): "devmeter.db.connect (open)",
         ("statements.py", "_insert_statement"): "_insert_statement (all inserts)",
         ("statements.py", "_price"): "_price (pricing)",
@@ -692,7 +633,7 @@ class CloseRun:
     seconds: float
     overlapped_ingest: bool
     max_load: float
-    #: sql_peaks_many's time inside this close, per time zone.
+    #: peaks_many's time inside this close, per time zone.
     peaks_s: dict[str, float]
     connects: int
     connect_s: float
@@ -705,7 +646,7 @@ class CloseRun:
 
     @property
     def rest_s(self) -> float:
-        # Everything besides the peak queries: reading accounts, connections, pricing, and a
+        # Everything besides the peaks: reading accounts, connections, pricing, and a
         # transaction of inserts per account.
         return self.seconds - self.peak_total_s
 
@@ -713,14 +654,14 @@ class CloseRun:
 def close_once(url: str, month: str, now: datetime, zones: list[str], watch: Watch) -> CloseRun:
     """close_month for all accounts as the CLI calls it, timed end to end.
 
-    The peak queries are timed inside this same close, by wrapping the ``sql_peaks_many``
+    The peaks are timed inside this same close, by wrapping the ``peaks_many``
     that metering.statements calls: timing them in a separate call afterwards gives a
     breakdown that does not add up on a machine whose load changes from minute to minute.
     """
     by_bounds = {month_bounds(month, tz): tz for tz in zones}
     inside: dict[str, float] = {}
     # The function close_month calls; patched by name in metering.statements below.
-    real = sql_peaks_many
+    real = peaks_many
 
     def timed_peaks(
         conn: psycopg.Connection[Any], account_ids: Any, start: datetime, end: datetime
@@ -734,7 +675,7 @@ def close_once(url: str, month: str, now: datetime, zones: list[str], watch: Wat
 
     catalog = load_catalog()
     opener = TimedConnect(url)
-    with mock.patch.object(statements, "sql_peaks_many", timed_peaks):
+    with mock.patch.object(statements, "peaks_many", timed_peaks):
         report, phase = timed(watch, lambda: close_month(opener, catalog, month, now=now))
     return CloseRun(
         phase.seconds,
@@ -768,17 +709,19 @@ class ScaleResult:
     generation: Phase
     bare_cold_s: float
     bare: Phase
-    commit_floor_s: float
     #: Every timed close, in order; the figures use the fastest (the least disturbed).
     close_runs: list[CloseRun]
     peaks_alone_s: dict[str, float]
+    #: The SQL path (the fall-back) on its own, for comparison.
+    sql_alone_s: dict[str, float]
+    #: The events' COPY that peaks_many reads, alone (best of two).
+    copy_floor_s: float
     naive: Phase
     naive_devices: int
     naive_total_devices: int
     naive_extrapolated_s: float
     verification: dict[str, Any]
     spot_checks: list[dict[str, Any]]
-    explain: str | None = None
     diagnosis_errors: list[str] = field(default_factory=list)
     profile_top: str | None = None
     profile_parts: dict[str, float] | None = None
@@ -825,9 +768,6 @@ def run_scale(
         bare = Phase(_warm, bare.overlapped_ingest, bare.max_load)
         say(f"  bare count(*): {in_window:,} rows, {bare.seconds * 1000:.0f} ms warm")
 
-        floor = commit_floor(url, shape.accounts)
-        say(f"  {shape.accounts} one-row commits: {floor:.2f} s")
-
         # After the latest zone's month end plus grace, so every account is due.
         now = max(month_bounds(shape.month, tz)[1] for tz in tz_groups) + timedelta(days=1)
         runs: list[CloseRun] = []
@@ -839,7 +779,7 @@ def run_scale(
             runs.append(run)
             say(
                 f"  close_month: {run.closed} closed, {len(run.failed)} failed in "
-                f"{run.seconds:.2f} s (peak queries {run.peak_total_s:.2f} s)"
+                f"{run.seconds:.2f} s (peaks {run.peak_total_s:.2f} s)"
             )
         failed = {ref: error for run in runs for ref, error in run.failed.items()}
         verification = verify(url, shape.month, shape.accounts, failed)
@@ -848,8 +788,14 @@ def run_scale(
             f"  verified: {verification['statements']} statements, {verification['failed']} "
             f"failed; spot-check {sum(c['match'] for c in checks)}/{len(checks)} match"
         )
-        alone, _ = timed(watch, lambda: peaks_alone(url, shape.month, tz_groups))
-        say(f"  sql_peaks_many called directly: {sum(alone.values()):.2f} s")
+        alone, _ = timed(watch, lambda: peaks_alone(url, shape.month, tz_groups, peaks_many))
+        say(f"  peaks_many called directly: {sum(alone.values()):.2f} s")
+        sql_alone, _ = timed(
+            watch, lambda: peaks_alone(url, shape.month, tz_groups, sql_peaks_many)
+        )
+        say(f"  sql_peaks_many (the SQL path) called directly: {sum(sql_alone.values()):.2f} s")
+        copy_s, _ = timed(watch, lambda: min(copy_floor(url, shape.month, tz_groups) for _ in "ab"))
+        say(f"  the events' COPY alone: {copy_s:.2f} s")
         (naive_s, done, total, _), naive = timed(
             watch, lambda: naive_loop(url, shape.month, args.naive_sample, shape.seed)
         )
@@ -866,9 +812,10 @@ def run_scale(
             generation=generation,
             bare_cold_s=cold,
             bare=bare,
-            commit_floor_s=floor,
             close_runs=runs,
             peaks_alone_s=alone,
+            sql_alone_s=sql_alone,
+            copy_floor_s=copy_s,
             naive=naive,
             naive_devices=done,
             naive_total_devices=total,
@@ -878,25 +825,18 @@ def run_scale(
         )
         best = scale_result.close.seconds
         missed = best >= TARGET_CLOSE_S or best > TARGET_VS_BARE * bare.seconds
-        if args.diagnose == "always" or (args.diagnose == "auto" and missed):
-            biggest = max(tz_groups, key=lambda tz: len(tz_groups[tz]))
+        if profile and (args.diagnose == "always" or (args.diagnose == "auto" and missed)):
             # A diagnosis that fails (the close's code changes under this benchmark) is
             # reported, not allowed to throw away the figures measured above.
             try:
-                say(f"  diagnosing: EXPLAIN ANALYZE of the peak query for {biggest} ...")
-                scale_result.explain = explain_peaks(url, shape.month, biggest, tz_groups[biggest])
+                say("  diagnosing: the close again, under cProfile ...")
+                wipe_statements(url)
+                profiled, parts, top = profile_close(url, shape.month, now)
+                scale_result.profiled_close_s = profiled
+                scale_result.profile_parts = parts
+                scale_result.profile_top = top
             except Exception as exc:
-                scale_result.diagnosis_errors.append(f"plan: {type(exc).__name__}: {exc}")
-            if profile:
-                try:
-                    say("  diagnosing: the close again, under cProfile ...")
-                    wipe_statements(url)
-                    profiled, parts, top = profile_close(url, shape.month, now)
-                    scale_result.profiled_close_s = profiled
-                    scale_result.profile_parts = parts
-                    scale_result.profile_top = top
-                except Exception as exc:
-                    scale_result.diagnosis_errors.append(f"profile: {type(exc).__name__}: {exc}")
+                scale_result.diagnosis_errors.append(f"profile: {type(exc).__name__}: {exc}")
         return scale_result
 
 
@@ -982,17 +922,13 @@ def render(
     row("generation (not timed below)", [f"{r.generation.seconds:.1f}" for r in results])
     row("bare count(*), cold", [f"{r.bare_cold_s:.3f}" for r in results])
     row("bare count(*), warm [baseline]", [f"{r.bare.seconds:.3f}" for r in results])
-    row(
-        "one-row commit per account [floor]",
-        [f"{r.commit_floor_s:.2f}" for r in results],
-    )
     repeats = max(len(r.close_runs) for r in results)
     row(
         f"close_month, all accounts, best of {repeats}",
         [f"{r.close.seconds:.2f}" for r in results],
     )
     row("  every run", [", ".join(f"{c.seconds:.1f}" for c in r.close_runs) for r in results])
-    row("  peak queries (sql_peaks_many)", [f"{r.close.peak_total_s:.2f}" for r in results])
+    row("  peaks (peaks_many)", [f"{r.close.peak_total_s:.2f}" for r in results])
     for tz in results[0].close.peaks_s:
         row(f"    {tz}", [f"{r.close.peaks_s.get(tz, 0):.2f}" for r in results])
     row("  rest (inserts, connects, pricing)", [f"{r.close.rest_s:.2f}" for r in results])
@@ -1001,8 +937,16 @@ def render(
         [f"{r.close.connect_s:.2f} ({r.close.connects})" for r in results],
     )
     row(
-        "sql_peaks_many called directly",
+        "peaks_many called directly",
         [f"{sum(r.peaks_alone_s.values()):.2f}" for r in results],
+    )
+    row(
+        "  of which the events' COPY alone [floor]",
+        [f"{r.copy_floor_s:.2f}" for r in results],
+    )
+    row(
+        "sql_peaks_many (SQL path) directly",
+        [f"{sum(r.sql_alone_s.values()):.2f}" for r in results],
     )
     row(
         "naive loop, measured",
@@ -1041,12 +985,12 @@ def render(
     add("Ratios")
     row("close / bare scan", [f"{r.close.seconds / r.bare.seconds:.0f}x" for r in results])
     row(
-        "peak queries / bare scan",
+        "peaks / bare scan",
         [f"{r.close.peak_total_s / r.bare.seconds:.0f}x" for r in results],
     )
     row(
-        "(bare scan + commit floor) / bare",
-        [f"{(r.bare.seconds + r.commit_floor_s) / r.bare.seconds:.0f}x" for r in results],
+        "events' COPY alone / bare scan",
+        [f"{r.copy_floor_s / r.bare.seconds:.0f}x" for r in results],
     )
     row(
         "naive / close" + (" (naive extrap.)" if extrapolated else ""),
@@ -1104,7 +1048,7 @@ def render(
         f"peaks agree with compute_peaks: {met(bool(targets['spot_checks_ok']))}"
     )
     for r in results:
-        if r.explain is None and r.profile_top is None and not r.diagnosis_errors:
+        if r.profile_top is None and not r.diagnosis_errors:
             continue
         add("")
         add(f"Diagnosis at x{r.scale:g}")
@@ -1117,9 +1061,6 @@ def render(
         if r.profile_top:
             add("  top functions by own time:")
             lines.extend("    " + line for line in r.profile_top.splitlines())
-        if r.explain:
-            add("  the peak query's plan for the largest time zone (auto_explain, as run):")
-            lines.extend("    " + line for line in r.explain.splitlines())
     data = {
         "machine": machine,
         "shape": asdict(shape),
@@ -1182,7 +1123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--diagnose",
         choices=["auto", "always", "never"],
         default="auto",
-        help="EXPLAIN + cProfile when a target is missed (auto), always, or never",
+        help="cProfile of the close when a target is missed (auto), always, or never",
     )
     parser.add_argument("--storage", choices=["auto", "plain", "timescaledb"], default="auto")
     parser.add_argument("--seed", type=float, default=0.42, help="setseed() for generation")

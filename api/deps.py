@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
 from devmeter.config import Settings
@@ -44,18 +45,26 @@ DB = Annotated[Conn, Depends(db)]
 State = Annotated[AppState, Depends(state)]
 
 
-def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+# Declared in the OpenAPI document as security schemes. auto_error off: a missing or malformed
+# header gets this API's own 401 problem, not FastAPI's bare 403.
+API_KEY = HTTPBearer(
+    scheme_name="ApiKey",
+    description="A member's API key (`dma_...`), shown once when the member or key is created. "
+    "It carries the member's role in one account.",
+    auto_error=False,
+)
+OPERATOR_TOKEN = HTTPBearer(
+    scheme_name="OperatorToken",
+    description="The operator token of this deployment (`DEVMETER_ADMIN_TOKEN`).",
+    auto_error=False,
+)
+Credentials = HTTPAuthorizationCredentials | None
 
 
-def principal(request: Request, conn: DB) -> Principal:
+def principal(conn: DB, credentials: Annotated[Credentials, Security(API_KEY)]) -> Principal:
     # Bearer only: a cookie would make every API POST forgeable cross-site (the console,
     # which does use a cookie, checks a CSRF token on each form instead).
-    token = bearer(request)
+    token = credentials.credentials.strip() if credentials else ""
     if not token:
         raise UnauthorizedError(
             "missing API key: send 'Authorization: Bearer <key>'", field="authorization"
@@ -77,15 +86,15 @@ def allowed(permission: str) -> Callable[[Principal], Principal]:
     return check
 
 
-def operator(request: Request, app_state: State) -> None:
-    token = bearer(request)
+def operator(
+    app_state: State, credentials: Annotated[Credentials, Security(OPERATOR_TOKEN)]
+) -> None:
+    token = credentials.credentials.strip() if credentials else None
     expected = app_state.config.admin_token
     if expected is None:
         raise UnauthorizedError(
             "operator endpoints are disabled: DEVMETER_ADMIN_TOKEN is not set",
             field="authorization",
         )
-    if token is None or not hmac.compare_digest(
-        token.encode(), expected.get_secret_value().encode()
-    ):
+    if not token or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
         raise UnauthorizedError("missing or wrong operator token", field="authorization")

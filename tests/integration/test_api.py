@@ -167,6 +167,7 @@ def test_authentication_failures_are_401(client: TestClient) -> None:
     assert_problem(r, 401)
     assert r.headers["www-authenticate"].startswith("Bearer")
     assert_problem(client.get("/v1/devices", headers={"Authorization": "Basic abc"}), 401)
+    assert_problem(client.get("/v1/devices", headers={"Authorization": "Bearer  "}), 401)
 
     assert client.get("/v1/devices", headers=bearer(dev)).status_code == 200
     revoked = client.delete(f"/v1/members/{member_id}/keys/{key_id}", headers=bearer(owner))
@@ -406,3 +407,18 @@ def test_openapi_declares_every_problem_code(client: TestClient) -> None:
             if "{" in path and path.startswith("/v1/") and "statements" not in path:
                 assert "404" in codes, (method, path)
     assert datetime.now(UTC)
+
+
+def test_openapi_declares_how_each_operation_authenticates(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiKey"]["type"] == schemes["OperatorToken"]["type"] == "http"
+    assert schemes["ApiKey"]["scheme"] == schemes["OperatorToken"]["scheme"] == "bearer"
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if path.startswith("/v1/admin/"):
+                assert op["security"] == [{"OperatorToken": []}], (method, path)
+            elif path.startswith("/v1/"):
+                assert op["security"] == [{"ApiKey": []}], (method, path)
+            else:
+                assert "security" not in op, (method, path)

@@ -68,6 +68,11 @@ def _document() -> dict[str, Any]:
 # pytest's private `Function._nodeid`, which pytest 9.2 no longer has. Loading eagerly also makes
 # one test per operation, which xdist spreads over its workers.
 schema = schemathesis.openapi.from_dict(_document())
+# Each case carries a valid credential (below), which replaces whatever Authorization header
+# schemathesis would generate from the security schemes: a "negative" case whose only defect
+# was a missing or mangled credential would then be a valid request that the negative-data
+# check reports as wrongly accepted. Authentication failures are tested in test_api.py.
+schema.config.generation.update(with_security_parameters=False)
 
 # The current tenant's ids, per path parameter, offered to the generator next to random values.
 # The hook runs inside each test, after the `tenant` fixture has filled this in.

@@ -41,7 +41,7 @@ from metering.access import Principal, authenticate
 from metering.catalog import Catalog, Plan
 from metering.daily import daily_usage, load_events
 from metering.peak import month_bounds
-from metering.pricing import format_money, price_class
+from metering.pricing import class_amount, format_money, price_class
 from metering.registry import (
     DEVICE_ID,
     device_events,
@@ -51,7 +51,7 @@ from metering.registry import (
     set_device_state,
 )
 from metering.statements import current_month, get_statement, get_usage, list_statements
-from metering.whatif import WhatIf, class_amount, what_if
+from metering.whatif import WhatIf, what_if
 
 log = logging.getLogger("devmeter.console")
 

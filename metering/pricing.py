@@ -35,6 +35,7 @@ __all__ = [
     "Line",
     "LineKind",
     "Priced",
+    "class_amount",
     "format_money",
     "price_class",
     "price_month",
@@ -222,6 +223,12 @@ def price_class(
             )
         )
     return lines
+
+
+def class_amount(device_class: str, pricing: ClassPricing, quantity: int, currency: str) -> Decimal:
+    """The class's monthly amount at ``quantity`` units: the sum of its priced lines."""
+    lines = price_class(device_class, pricing, quantity, currency)
+    return round_money(sum((line.amount for line in lines), Decimal(0)), currency)
 
 
 def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool = False) -> Priced:

@@ -16,9 +16,9 @@ from decimal import Decimal
 
 from devmeter.errors import InvalidError
 from metering.catalog import ClassPricing, Tier
-from metering.pricing import price_class, round_money
+from metering.pricing import class_amount
 
-__all__ = ["WhatIf", "class_amount", "what_if"]
+__all__ = ["WhatIf", "what_if"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +48,6 @@ class WhatIf:
     @property
     def is_last(self) -> bool:
         return self.to_next is None
-
-
-def class_amount(device_class: str, pricing: ClassPricing, quantity: int, currency: str) -> Decimal:
-    """The class's monthly amount at ``quantity`` units: the sum of its priced lines."""
-    lines = price_class(device_class, pricing, quantity, currency)
-    return round_money(sum((line.amount for line in lines), Decimal(0)), currency)
 
 
 def what_if(device_class: str, pricing: ClassPricing, active: int, currency: str) -> WhatIf:

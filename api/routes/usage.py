@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -15,7 +14,6 @@ from api.schemas import (
     DailyUsageOut,
     DayClass,
     DayOut,
-    LineOut,
     StatementOut,
     StatementSummary,
     UsageOut,
@@ -24,13 +22,14 @@ from metering.access import Principal
 from metering.catalog import Catalog
 from metering.daily import daily_usage, load_events
 from metering.peak import ClassPeak, month_bounds
-from metering.pricing import format_money, price_class
+from metering.pricing import class_amount, format_money
 from metering.statements import (
     Statement,
     current_month,
     get_statement,
     get_usage,
     list_statements,
+    statement_document,
 )
 
 router = APIRouter(prefix="/v1", tags=["usage"])
@@ -52,8 +51,8 @@ def priced_classes(
     for cls, peak in peaks.items():
         amount = None
         if plan is not None and cls in plan.classes:
-            lines = price_class(cls, plan.classes[cls], peak.peak, plan.currency)
-            amount = format_money(sum((x.amount for x in lines), Decimal(0)), plan.currency)
+            total = class_amount(cls, plan.classes[cls], peak.peak, plan.currency)
+            amount = format_money(total, plan.currency)
         out[cls] = ClassUsage(peak=peak.peak, peak_at=peak.peak_at, amount=amount)
     return currency, out
 
@@ -111,37 +110,7 @@ def usage_daily(caller: UsageReader, conn: DB, app: State, month: Month = None) 
 
 
 def statement_out(s: Statement) -> StatementOut:
-    cur = s.currency
-    return StatementOut(
-        account=s.account,
-        month=s.month,
-        status=s.status,
-        plan=s.plan,
-        currency=cur,
-        period_start=s.period_start,
-        period_end=s.period_end,
-        lines=[
-            LineOut.model_validate(
-                {
-                    "kind": x.kind,
-                    "class": x.device_class,
-                    "description": x.description,
-                    "quantity": x.quantity,
-                    "unit_price": format_money(x.unit_price, cur),
-                    "amount": format_money(x.amount, cur),
-                    "tier": x.tier,
-                }
-            )
-            for x in s.lines
-        ],
-        subtotal=format_money(s.subtotal, cur),
-        tax=format_money(s.tax, cur),
-        credits_applied=format_money(s.credits_applied, cur),
-        amount_due=format_money(s.amount_due, cur),
-        due_date=s.due_date,
-        closed_at=s.closed_at,
-        usage={c: ClassUsage(peak=p.peak, peak_at=p.peak_at) for c, p in s.peaks.items()},
-    )
+    return StatementOut.model_validate(statement_document(s))
 
 
 @router.get(

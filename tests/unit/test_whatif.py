@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from devmeter.errors import InvalidError
 from metering.catalog import ClassPricing, Tier, load_catalog, parse_catalog
-from metering.whatif import WhatIf, class_amount, what_if
+from metering.pricing import class_amount
+from metering.whatif import WhatIf, what_if
 
 CATALOG = load_catalog()
 LTE = CATALOG.plan("standard").classes["lte-m"]

@@ -347,7 +347,8 @@ def usage(account_ref: str, month: str, evidence: bool) -> None:
             "account": result.account,
             "month": result.month,
             "status": result.status,
-            "period": {"start": result.period_start, "end": result.period_end},
+            "period_start": result.period_start,
+            "period_end": result.period_end,
             "classes": classes,
         }
     )
@@ -360,52 +361,12 @@ def usage(account_ref: str, month: str, evidence: bool) -> None:
 @reports_errors
 def statement(account_ref: str, month: str, evidence: bool) -> None:
     """The priced statement of a month (preliminary while the month is open)."""
-    from metering.statements import get_statement
+    from metering.statements import get_statement, statement_document
 
     config = settings()
     with transaction(config) as conn:
         result = get_statement(conn, catalog(config), account_ref, month, now=_now())
-    emit(statement_json(result, evidence=evidence))
-
-
-def statement_json(result: Any, *, evidence: bool = False) -> dict[str, object]:
-    from metering.pricing import format_money
-
-    cur = result.currency
-
-    def money(value: Decimal) -> str:
-        return format_money(value, cur)
-
-    out: dict[str, object] = {
-        "account": result.account,
-        "month": result.month,
-        "status": result.status,
-        "plan": result.plan,
-        "currency": cur,
-        "period": {"start": result.period_start, "end": result.period_end},
-        "usage": {c: {"peak": p.peak, "peak_at": p.peak_at} for c, p in result.peaks.items()},
-        "lines": [
-            {
-                "kind": line.kind,
-                "class": line.device_class,
-                "description": line.description,
-                "quantity": line.quantity,
-                "unit_price": money(line.unit_price),
-                "amount": money(line.amount),
-                "tier": line.tier,
-            }
-            for line in result.lines
-        ],
-        "subtotal": money(result.subtotal),
-        "tax": money(result.tax),
-        "credits_applied": money(result.credits_applied),
-        "amount_due": money(result.amount_due),
-        "due_date": result.due_date,
-        "closed_at": result.closed_at,
-    }
-    if evidence:
-        out["evidence"] = {c: list(p.device_ids) for c, p in result.peaks.items()}
-    return out
+    emit(statement_document(result, evidence=evidence))
 
 
 @main.command()

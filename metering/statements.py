@@ -26,7 +26,7 @@ from devmeter.errors import ConflictError, InvalidError
 from metering.catalog import Catalog
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import peaks, peaks_many
-from metering.pricing import Line, price_month
+from metering.pricing import Line, format_money, price_month
 from metering.registry import Account, get_account
 
 log = logging.getLogger("devmeter.close")
@@ -156,6 +156,43 @@ def list_statements(conn: Conn, account_ref: str) -> list[StatementSummary]:
         )
         for row in rows
     ]
+
+
+def statement_document(statement: Statement, *, evidence: bool = False) -> dict[str, Any]:
+    """The statement as the CLI prints it and the API returns it: amounts as exact decimal
+    strings in the currency's minor unit; with ``evidence``, the devices behind each peak."""
+    currency = statement.currency
+    document: dict[str, Any] = {
+        "account": statement.account,
+        "month": statement.month,
+        "status": statement.status,
+        "plan": statement.plan,
+        "currency": currency,
+        "period_start": statement.period_start,
+        "period_end": statement.period_end,
+        "usage": {c: {"peak": p.peak, "peak_at": p.peak_at} for c, p in statement.peaks.items()},
+        "lines": [
+            {
+                "kind": line.kind,
+                "class": line.device_class,
+                "description": line.description,
+                "quantity": line.quantity,
+                "unit_price": format_money(line.unit_price, currency),
+                "amount": format_money(line.amount, currency),
+                "tier": line.tier,
+            }
+            for line in statement.lines
+        ],
+        "subtotal": format_money(statement.subtotal, currency),
+        "tax": format_money(statement.tax, currency),
+        "credits_applied": format_money(statement.credits_applied, currency),
+        "amount_due": format_money(statement.amount_due, currency),
+        "due_date": statement.due_date,
+        "closed_at": statement.closed_at,
+    }
+    if evidence:
+        document["evidence"] = {c: list(p.device_ids) for c, p in statement.peaks.items()}
+    return document
 
 
 def _refuse_future(account: Account, month: str, start: datetime, now: datetime) -> None:

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
@@ -157,23 +158,36 @@ def _start_api(config: Settings, database_url: str, mqtt_url: str | None, stack:
 
 def run_api(config: Settings) -> None:
     """``devmeter api``: the REST API and console alone, against configured servers."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stop = threading.Event()
-    _install_signals(stop)
-    with ExitStack() as stack:
+
+    def start(stack: ExitStack, _stop: threading.Event) -> Callable[[], bool]:
         mqtt_url = config.mqtt_url or config.runtime.get("mqtt_url")
         _start_api(config, config.require_database_url(), mqtt_url, stack)
-        stop.wait()
+        return lambda: True
+
+    _serve(start)
 
 
 def run_scheduler(config: Settings) -> None:
     """``devmeter scheduler``: month close (and webhooks) alone, against a configured database."""
+
+    def start(stack: ExitStack, _stop: threading.Event) -> Callable[[], bool]:
+        _start_scheduler(config, config.require_database_url(), stack)
+        return lambda: True
+
+    _serve(start)
+
+
+def _serve(start: Callable[[ExitStack, threading.Event], Callable[[], bool]]) -> None:
+    """One part in the foreground until SIGINT or SIGTERM, or until ``start``'s liveness check
+    says it has ended by itself; then what ``start`` put on the stack is undone."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     _install_signals(stop)
     with ExitStack() as stack:
-        _start_scheduler(config, config.require_database_url(), stack)
-        stop.wait()
+        alive = start(stack, stop)
+        while alive() and not stop.wait(0.5):
+            pass
+        stop.set()
 
 
 def ingest_options(config: Settings) -> IngestOptions:
@@ -208,12 +222,15 @@ def _start_ingest(
 
 def run_ingest(config: Settings) -> None:
     """``devmeter ingest``: the worker alone, against configured servers."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stop = threading.Event()
-    _install_signals(stop)
-    thread = _start_ingest(config, config.require_database_url(), config.require_mqtt_url(), stop)
-    while thread.is_alive():
-        thread.join(0.5)
+
+    def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
+        database_url, mqtt_url = config.require_database_url(), config.require_mqtt_url()
+        thread = _start_ingest(config, database_url, mqtt_url, stop)
+        # The worker stops when `stop` is set; it commits and acks what it holds first.
+        stack.callback(thread.join)
+        return thread.is_alive
+
+    _serve(start)
 
 
 def _install_signals(stop: threading.Event) -> None:

@@ -1,0 +1,71 @@
+"""`devmeter api` and `devmeter scheduler` as their own processes: they serve, and SIGTERM stops
+them cleanly (exit status 0) within a bound."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.integration.test_ingest_worker import poll
+
+STARTED = {
+    "api": re.compile(r"API at (http://127\.0\.0\.1:\d+)/v1"),
+    "scheduler": re.compile(r"scheduler started"),
+}
+
+
+def serve(
+    command: str, env: dict[str, str], log: Path
+) -> tuple[subprocess.Popen[bytes], re.Match[str]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", command], env=env, stdout=out, stderr=out
+        )
+    poll(
+        lambda: STARTED[command].search(log.read_text()) is not None or proc.poll() is not None,
+        30,
+        f"devmeter {command} to start",
+    )
+    assert proc.poll() is None, log.read_text()
+    found = STARTED[command].search(log.read_text())
+    assert found is not None
+    return proc, found
+
+
+def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "SIGTERM received, stopping" in log.read_text()
+
+
+def test_api_serves_until_sigterm(
+    cli_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    env = {
+        **cli_env,
+        "DEVMETER_DATABASE_URL": database_url,
+        "DEVMETER_API_PORT": "0",
+        "DEVMETER_ADMIN_TOKEN": "operator-token-of-this-test",
+    }
+    log = tmp_path / "api.log"
+    proc, started = serve("api", env, log)
+    with urllib.request.urlopen(f"{started.group(1)}/healthz", timeout=10) as response:
+        assert response.status == 200
+    stop(proc, log)
+
+
+def test_scheduler_runs_until_sigterm(
+    cli_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "scheduler.log"
+    proc, _ = serve("scheduler", {**cli_env, "DEVMETER_DATABASE_URL": database_url}, log)
+    stop(proc, log)

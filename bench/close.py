@@ -941,7 +941,7 @@ def render(
         [f"{sum(r.peaks_alone_s.values()):.2f}" for r in results],
     )
     row(
-        "  of which the events' COPY alone [floor]",
+        "  events' COPY alone [floor]",
         [f"{r.copy_floor_s:.2f}" for r in results],
     )
     row(

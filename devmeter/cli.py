@@ -405,6 +405,49 @@ def close(month: str, account_ref: str | None) -> None:
         )
 
 
+@main.group()
+def webhooks() -> None:
+    """Statement deliveries to billing (DEVMETER_WEBHOOK_URL): list them, retry failed ones."""
+
+
+@webhooks.command("list")
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed"]), help="Only these.")
+@click.option("--month", help="Only statements of this month (YYYY-MM).")
+@click.option("--account", "account_ref", help="Only this account's statements.")
+@reports_errors
+def webhooks_list(status: str | None, month: str | None, account_ref: str | None) -> None:
+    """Deliveries with their latest attempt, one JSON object per line."""
+    from metering.webhook import list_deliveries
+
+    with transaction(settings()) as conn:
+        for delivery in list_deliveries(conn, status=status, month=month, account_ref=account_ref):
+            emit(delivery)
+
+
+@webhooks.command("retry")
+@click.option("--month", help="Failed deliveries of this month's statements (YYYY-MM).")
+@click.option("--account", "account_ref", help="Failed deliveries of this account.")
+@click.option(
+    "--delivery", "ids", type=int, multiple=True, help="This failed delivery (repeatable)."
+)
+@reports_errors
+def webhooks_retry(month: str | None, account_ref: str | None, ids: tuple[int, ...]) -> None:
+    """Send failed deliveries again: due now, with a fresh allowance of attempts.
+
+    The scheduler (devmeter scheduler, or devmeter up) sends them on its next run. Filters
+    combine; at least one is needed.
+    """
+    from metering.webhook import retry_failed
+
+    with transaction(settings()) as conn:
+        retried = retry_failed(
+            conn, now=_now(), month=month, account_ref=account_ref, ids=list(ids)
+        )
+    emit({"retried": retried})
+    if not retried:
+        click.echo("devmeter: no failed delivery matched", err=True)
+
+
 @main.command()
 @_month_option("The closed month to export.")
 @click.option(

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -38,6 +38,7 @@ from psycopg.rows import dict_row
 
 from devmeter.errors import InvalidError, NotFoundError
 from metering.export import export_month
+from metering.peak import parse_month
 
 log = logging.getLogger("devmeter.webhook")
 
@@ -184,7 +185,7 @@ SET attempts = d.attempts + 1, next_attempt_at = %(lease_until)s
 FROM due, statements s
 WHERE d.id = due.id AND s.id = d.statement_id
 RETURNING d.id, d.statement_id, d.url, d.idempotency_key, d.attempts,
-    to_char(s.month, 'YYYY-MM') AS month
+    d.attempts - d.attempts_before_retry AS round_attempt, to_char(s.month, 'YYYY-MM') AS month
 """
 
 _RECORD_ATTEMPT_SQL: Final = """
@@ -219,6 +220,8 @@ class _Claim:
     url: str
     idempotency_key: str
     attempts: int
+    #: The attempt's number since the delivery was enqueued or last retried by an operator.
+    round_attempt: int
     month: str
 
 
@@ -354,10 +357,10 @@ def _record(
         )
         if outcome.ok:
             conn.execute(_DELIVERED_SQL, (finished, claim.id))
-        elif claim.attempts >= max_attempts:
+        elif claim.round_attempt >= max_attempts:
             conn.execute(_GIVE_UP_SQL, (claim.id, claim.attempts))
         else:
-            retry_at = finished + backoff(claim.attempts)
+            retry_at = finished + backoff(claim.round_attempt)
             conn.execute(_RESCHEDULE_SQL, (retry_at, claim.id, claim.attempts))
     what = f"HTTP {outcome.status_code}" if outcome.error is None else outcome.error
     where = (claim.id, claim.statement_id, claim.idempotency_key, _redact(claim.url))
@@ -366,7 +369,7 @@ def _record(
         log.info(
             "webhook delivery %d (statement %d, key %s) to %s: delivered on attempt %d (%s)",
             *where,
-            claim.attempts,
+            claim.round_attempt,
             what,
         )
     elif retry_at is None:
@@ -375,7 +378,7 @@ def _record(
             "webhook delivery %d (statement %d, key %s) to %s: attempt %d of %d failed (%s);"
             " giving up",
             *where,
-            claim.attempts,
+            claim.round_attempt,
             max_attempts,
             what,
         )
@@ -385,7 +388,7 @@ def _record(
             "webhook delivery %d (statement %d, key %s) to %s: attempt %d of %d failed (%s);"
             " retry at %s",
             *where,
-            claim.attempts,
+            claim.round_attempt,
             max_attempts,
             what,
             retry_at.isoformat(),
@@ -408,3 +411,108 @@ def _version() -> str:
         return version("devmeter")
     except PackageNotFoundError:  # running from a checkout that is not installed
         return "0+unknown"
+
+
+# --- the operator's view -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: int
+    account: str
+    month: str
+    idempotency_key: str
+    #: The receiver's URL with any credentials or query string left out.
+    url: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+
+
+_LIST_SQL: Final = """
+SELECT d.id, a.ref AS account, to_char(s.month, 'YYYY-MM') AS month, d.idempotency_key,
+       d.url, d.status, d.attempts,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       d.delivered_at, w.attempted_at AS last_attempt_at, w.status_code AS last_status_code,
+       w.error AS last_error
+FROM webhook_deliveries d
+JOIN statements s ON s.id = d.statement_id
+JOIN accounts a ON a.id = s.account_id
+LEFT JOIN LATERAL (
+    SELECT attempted_at, status_code, error FROM webhook_attempts
+    WHERE delivery_id = d.id ORDER BY attempt DESC LIMIT 1
+) w ON true
+WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
+  AND (%(month)s::date IS NULL OR s.month = %(month)s)
+  AND (%(account)s::text IS NULL OR a.ref = %(account)s)
+  AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s))
+ORDER BY d.id
+"""
+
+_RETRY_SQL: Final = """
+UPDATE webhook_deliveries d
+SET status = 'pending', next_attempt_at = %(now)s, attempts_before_retry = d.attempts
+FROM statements s, accounts a
+WHERE s.id = d.statement_id AND a.id = s.account_id AND d.status = 'failed'
+  AND (%(month)s::date IS NULL OR s.month = %(month)s)
+  AND (%(account)s::text IS NULL OR a.ref = %(account)s)
+  AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s))
+RETURNING d.id
+"""
+
+
+def _filters(
+    status: str | None, month: str | None, account_ref: str | None, ids: list[int] | None
+) -> dict[str, Any]:
+    if status is not None and status not in ("pending", "delivered", "failed"):
+        raise InvalidError(
+            f"unknown delivery status {status!r}: pending, delivered or failed", field="status"
+        )
+    return {
+        "status": status,
+        "month": None if month is None else date(*parse_month(month), 1),
+        "account": account_ref,
+        "ids": ids or None,
+    }
+
+
+def list_deliveries(
+    conn: Conn,
+    *,
+    status: str | None = None,
+    month: str | None = None,
+    account_ref: str | None = None,
+    ids: list[int] | None = None,
+) -> list[Delivery]:
+    """Deliveries with their latest attempt, oldest first, filtered by what is given."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(_LIST_SQL, _filters(status, month, account_ref, ids)).fetchall()
+    return [Delivery(**{**row, "url": _redact(row["url"])}) for row in rows]
+
+
+def retry_failed(
+    conn: Conn,
+    *,
+    now: datetime,
+    month: str | None = None,
+    account_ref: str | None = None,
+    ids: list[int] | None = None,
+) -> list[int]:
+    """Make failed deliveries due again at ``now``, each with a fresh allowance of attempts
+    (the scheduler sends them on its next run). Returns the ids made due, in order."""
+    if month is None and account_ref is None and not ids:
+        raise InvalidError(
+            "name what to retry: a month, an account or delivery ids", field="delivery"
+        )
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            _RETRY_SQL, {**_filters(None, month, account_ref, ids), "now": now}
+        ).fetchall()
+    retried = sorted(int(row["id"]) for row in rows)
+    for delivery_id in retried:
+        log.info("webhook delivery %d: retry requested by an operator", delivery_id)
+    return retried

@@ -6,6 +6,7 @@ Time is driven through ``deliver_due(now=...)``; nothing here sleeps.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import socket
 import threading
@@ -24,7 +25,7 @@ from metering.catalog import load_catalog
 from metering.export import export_month
 from metering.statements import close_month
 from metering.webhook import DeliveryReport, backoff, deliver_due, enqueue, sign, verify
-from tests.conftest import seed_fleet
+from tests.conftest import Cli, seed_fleet
 
 SECRET = b"whsec-test-3f9c1d7e-never-log-me"
 KEY = "dmstmt-acme-2026-10"
@@ -316,6 +317,46 @@ def test_gives_up_after_max_attempts(
     clock.advance(timedelta(days=30))
     assert deliver(database_url, clock, max_attempts=3) == DeliveryReport()
     assert len(receiver.requests) == 3
+
+
+def test_an_operator_retry_sends_a_failed_delivery_again(
+    database_url: str, receiver: Receiver, clock: Clock, cli: Cli
+) -> None:
+    receiver.answer_next("500", "502", "503")
+    for _ in range(2):
+        deliver(database_url, clock, max_attempts=2)
+        clock.advance(timedelta(hours=7))
+    listed = cli("webhooks", "list", "--status", "failed")
+    assert listed.code == 0, listed.stderr
+    [failed] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (failed["account"], failed["month"], failed["status"]) == ("acme", "2026-10", "failed")
+    assert (failed["attempts"], failed["last_status_code"]) == (2, 502)
+    assert failed["idempotency_key"] == KEY
+    assert failed["next_attempt_at"] is None
+
+    refused = cli("webhooks", "retry")
+    assert refused.code != 0
+    assert "name what to retry" in refused.stderr
+    assert cli("webhooks", "retry", "--month", "2026-09").json() == {"retried": []}
+    retried = cli("webhooks", "retry", "--account", "acme")
+    assert retried.code == 0, retried.stderr
+    assert retried.json() == {"retried": [failed["id"]]}
+    # Already pending: a second retry finds nothing failed.
+    assert cli("webhooks", "retry", "--delivery", str(failed["id"])).json() == {"retried": []}
+
+    # Due now, with a fresh allowance: attempt 3 fails (1 of 2 this round), 4 delivers.
+    clock.at = datetime.now(UTC) + timedelta(seconds=1)
+    assert deliver(database_url, clock, max_attempts=2) == DeliveryReport(retried=1)
+    clock.advance(timedelta(hours=7))
+    assert deliver(database_url, clock, max_attempts=2) == DeliveryReport(delivered=1)
+    assert attempts(database_url) == [(1, 500), (2, 502), (3, 503), (4, 200)]
+    assert {r.headers["Idempotency-Key"] for r in receiver.requests} == {KEY}
+    with connect(database_url) as conn:
+        [delivered] = webhook.list_deliveries(conn, status="delivered")
+        with pytest.raises(InvalidError, match="unknown delivery status"):
+            webhook.list_deliveries(conn, status="lost")
+    assert (delivered.attempts, delivered.last_status_code) == (4, 200)
+    assert delivered.url == receiver.url
 
 
 def test_a_locked_delivery_is_skipped_not_waited_for(

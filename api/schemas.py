@@ -72,6 +72,13 @@ class StateEventOut(BaseModel):
     received_at: datetime
 
 
+class HeartbeatHourOut(BaseModel):
+    hour: datetime = Field(description="the hour's start (UTC)")
+    heartbeats: int = Field(description="heartbeats stored for the device in that hour")
+    active: int = Field(description="how many of them said the device was Active")
+    last_at: datetime = Field(description="the time of the hour's last heartbeat")
+
+
 class ClassUsage(BaseModel):
     peak: int
     peak_at: datetime

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Protocol, cast
@@ -46,6 +46,7 @@ from metering.registry import (
     DEVICE_ID,
     device_events,
     get_device,
+    heartbeat_hours,
     register_device,
     search_devices,
     set_device_state,
@@ -490,6 +491,10 @@ def device_page(conn: DB, session: Signed, device_id: str) -> Response:
         with conn.transaction():
             device = get_device(conn, device_id, principal.account_id)
             timeline = device_events(conn, device_id, principal.account_id)
+            now = datetime.now(UTC)
+            day = heartbeat_hours(
+                conn, device_id, principal.account_id, now - timedelta(hours=23), now
+            )
     except DevmeterError:
         return error_page(session, 404, "No such device", f"There is no device {device_id!r} here.")
     return render(
@@ -499,6 +504,8 @@ def device_page(conn: DB, session: Signed, device_id: str) -> Response:
         title=f"Device {device.id}",
         device=device,
         timeline=list(reversed(timeline)),
+        heartbeats_24h=sum(h.heartbeats for h in day),
+        active_24h=sum(h.active for h in day),
         return_to=f"/console/devices/{device.id}",
     )
 

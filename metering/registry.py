@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets as _random
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import psycopg
@@ -69,6 +69,16 @@ class StateEvent:
     source: str
     seq: int | None
     received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatHour:
+    """One hour (UTC) of a device's heartbeats: how many, how many said Active, the last."""
+
+    hour: datetime
+    heartbeats: int
+    active: int
+    last_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +326,24 @@ def get_device(conn: Conn, device_id: str, account_id: int) -> Device:
     if device is None:
         raise NotFoundError(f"unknown device {device_id!r}", field="device_id")
     return device
+
+
+def heartbeat_hours(
+    conn: Conn, device_id: str, account_id: int, since: datetime, until: datetime
+) -> list[HeartbeatHour]:
+    """The device's heartbeats per hour over the whole hours from ``since``'s to ``until``,
+    oldest first; hours without a heartbeat are left out. From the continuous aggregate in
+    TimescaleDB mode, from the raw rows in plain mode (same function, migration 0007)."""
+    get_device(conn, device_id, account_id)
+    with conn.cursor(row_factory=class_row(HeartbeatHour)) as cur:
+        return cur.execute(
+            "SELECT * FROM device_heartbeats_hourly(%(device_id)s, %(from)s, %(to)s)",
+            {
+                "device_id": device_id,
+                "from": since.astimezone(UTC).replace(minute=0, second=0, microsecond=0),
+                "to": until,
+            },
+        ).fetchall()
 
 
 def device_events(conn: Conn, device_id: str, account_id: int | None = None) -> list[StateEvent]:

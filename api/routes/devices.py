@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -22,6 +22,7 @@ from api.schemas import (
     DeviceIn,
     DeviceOut,
     DevicePage,
+    HeartbeatHourOut,
     StateEventOut,
 )
 from devmeter.errors import InvalidError
@@ -31,6 +32,7 @@ from metering.registry import (
     Device,
     device_events,
     get_device,
+    heartbeat_hours,
     register_device,
     search_devices,
     set_device_state,
@@ -198,4 +200,26 @@ def events(device_id: DeviceId, caller: Reader, conn: DB) -> list[StateEventOut]
             time=e.time, state=e.state, source=e.source, seq=e.seq, received_at=e.received_at
         )
         for e in timeline
+    ]
+
+
+@router.get(
+    "/{device_id}/heartbeats",
+    response_model=list[HeartbeatHourOut],
+    responses=responses(401, 403, 404, 422),
+    summary="The device's heartbeats per hour over the last hours, oldest first",
+)
+def heartbeats(
+    device_id: DeviceId,
+    caller: Reader,
+    conn: DB,
+    hours: Annotated[
+        int, Query(ge=1, le=24 * 31, description="how many hours back from now (default 24)")
+    ] = 24,
+) -> list[HeartbeatHourOut]:
+    now = datetime.now(UTC)
+    since = now - timedelta(hours=hours - 1)
+    return [
+        HeartbeatHourOut(hour=h.hour, heartbeats=h.heartbeats, active=h.active, last_at=h.last_at)
+        for h in heartbeat_hours(conn, device_id, caller.account_id, since, now)
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from devmeter.config import Settings
 from devmeter.db import connect
+from ingest.processor import Heartbeat
+from ingest.writer import write_batch
 from metering.access import issue_key
 from tests.integration.test_close import worked_example
 
@@ -156,6 +158,55 @@ def test_listing_filters_and_cursor_pagination(client: TestClient) -> None:
     assert_problem(client.get("/v1/devices", params={"state": "on"}, headers=h), 422, "state")
     assert_problem(client.get("/v1/devices", params={"limit": 0}, headers=h), 422, "limit")
     assert_problem(client.get("/v1/devices", params={"cursor": "!!"}, headers=h), 422, "cursor")
+
+
+def test_heartbeats_per_hour(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    h = bearer(owner)
+    assert client.post("/v1/devices", json={"class": "lte-m", "id": "d1"}, headers=h).is_success
+    assert client.get("/v1/devices/d1/heartbeats", headers=h).json() == []
+
+    now = datetime.now(UTC)
+    this_hour = now.replace(minute=0, second=0, microsecond=0)
+    with connect(database_url) as conn:
+        row = conn.execute("SELECT account_id FROM devices WHERE id = 'd1'").fetchone()
+        assert row is not None
+        account_id = int(str(row["account_id"]))
+        beats = [
+            # Two hours ago (twice, one saying Inactive), this hour, and 30 hours ago.
+            (this_hour - timedelta(hours=2) + timedelta(minutes=5), "active", 1),
+            (this_hour - timedelta(hours=2) + timedelta(minutes=50), "inactive", 2),
+            (min(now, this_hour + timedelta(seconds=1)), "active", 3),
+            (this_hour - timedelta(hours=30), "active", 4),
+        ]
+        write_batch(
+            conn,
+            [Heartbeat(t, "d1", account_id, "lte-m", st, seq, "d1", t) for t, st, seq in beats],
+            [],
+        )
+    hours = client.get("/v1/devices/d1/heartbeats", headers=h).json()
+    assert [(x["hour"], x["heartbeats"], x["active"]) for x in hours] == [
+        (iso(this_hour - timedelta(hours=2)), 2, 1),
+        (iso(this_hour), 1, 1),
+    ]
+    assert hours[0]["last_at"] == iso(beats[1][0])
+    longer = client.get("/v1/devices/d1/heartbeats", params={"hours": 48}, headers=h).json()
+    assert [x["hour"] for x in longer] == [
+        iso(this_hour - timedelta(hours=30)),
+        iso(this_hour - timedelta(hours=2)),
+        iso(this_hour),
+    ]
+    assert_problem(
+        client.get("/v1/devices/d1/heartbeats", params={"hours": 0}, headers=h), 422, "hours"
+    )
+    assert_problem(
+        client.get("/v1/devices/d1/heartbeats", params={"hours": 745}, headers=h), 422, "hours"
+    )
+    assert_problem(client.get("/v1/devices/nope/heartbeats", headers=h), 404, "device_id")
+
+
+def iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def test_authentication_failures_are_401(client: TestClient) -> None:

@@ -359,6 +359,7 @@ def test_register_shows_the_key_once(client: TestClient, database_url: str) -> N
     detail = assert_page(client.get("/console/devices/d1"))
     assert key not in detail
     assert key[:10] in detail, "the prefix tells keys apart"
+    assert '<dd id="device-heartbeats">0</dd>' in detail
 
     # Generated id when none is given.
     generated = client.post("/console/devices", data={"csrf_token": csrf, "class": "wifi"})

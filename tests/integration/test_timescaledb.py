@@ -33,8 +33,9 @@ from metering.peak import month_bounds
 from metering.peak_frame import frame_peaks_many
 from metering.peak_sql import sql_peaks
 from metering.pricing import price_month
-from metering.registry import set_device_state
+from metering.registry import heartbeat_hours, set_device_state
 from metering.statements import close_month, get_statement, get_usage
+from tests.conftest import seed_fleet
 from tests.integration.test_close import worked_example
 
 HARNESS = Path(__file__).resolve().parent.parent / "timescaledb"
@@ -92,16 +93,20 @@ def tsdb_url(tmp_path: Path) -> Iterator[str]:
             proc.wait(10)
 
 
+_db_connect = db.connect
+
+
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[dict[str, object]]:
-    conn = db.connect(url, autocommit=autocommit)
+    conn = _db_connect(url, autocommit=autocommit)
     conn.prepare_threshold = None
     return conn
 
 
 @pytest.fixture(autouse=True)
 def _no_prepared_statements(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For the helpers borrowed from test_close, which connect through devmeter.db."""
+    """For the helpers borrowed from other tests, which connect through devmeter.db."""
     monkeypatch.setattr("tests.integration.test_close.connect", connect)
+    monkeypatch.setattr("devmeter.db.connect", connect)
 
 
 def rows(url: str, query: str, *args: object) -> list[dict[str, Any]]:
@@ -126,7 +131,8 @@ def test_migrations_make_hypertables_with_compression_and_retention(tsdb_url: st
     ]
     chunking = rows(
         tsdb_url,
-        "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions ORDER BY 1",
+        "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions"
+        " WHERE hypertable_schema = 'public' ORDER BY 1",
     )
     assert chunking == [
         {"hypertable_name": "device_state_events", "time_interval": timedelta(days=7)},
@@ -222,3 +228,58 @@ def test_a_month_closes_the_same_over_compressed_chunks(tsdb_url: str) -> None:
     assert "acme-d2" in peak.device_ids
     assert statement.subtotal == price_month(CATALOG.plans["standard"], {"lte-m": 13}).subtotal
     assert statement.due_date == date(2026, 11, 30)
+
+
+def test_heartbeats_roll_up_per_hour_and_outlive_raw_retention(tsdb_url: str) -> None:
+    migrate(tsdb_url, storage="timescaledb")
+    [aggregate] = rows(
+        tsdb_url,
+        "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates",
+    )
+    assert aggregate == {"view_name": "heartbeats_hourly", "materialized_only": False}
+    [refresh] = rows(
+        tsdb_url,
+        "SELECT schedule_interval, config FROM timescaledb_information.jobs"
+        " WHERE proc_name = 'policy_refresh_continuous_aggregate'",
+    )
+    assert refresh["schedule_interval"] == timedelta(minutes=30)
+    assert refresh["config"]["start_offset"] == "3 days"
+
+    now = datetime.now(UTC)
+    seed_fleet(tsdb_url, [("d1", "lte-m", None)], now - timedelta(days=10))
+    old_hour = (now - timedelta(days=5)).replace(minute=0, second=0, microsecond=0)
+    recent = now - timedelta(hours=1)
+    beats = [
+        (old_hour + timedelta(minutes=5), "active", 1),
+        (old_hour + timedelta(minutes=15), "inactive", 2),
+        (recent, "active", 3),
+    ]
+    with connect(tsdb_url) as conn, conn.transaction():
+        row = conn.execute("SELECT account_id FROM devices WHERE id = 'd1'").fetchone()
+        assert row is not None
+        account_id = int(str(row["account_id"]))
+        for at, state, seq in beats:
+            conn.execute(
+                "INSERT INTO heartbeats (time, device_id, account_id, state, seq, reporter,"
+                " received_at) VALUES (%s, 'd1', %s, %s, %s, 'd1', %s)",
+                (at, account_id, state, seq, at),
+            )
+
+    def hours() -> list[tuple[datetime, int, int]]:
+        with connect(tsdb_url) as conn:
+            found = heartbeat_hours(conn, "d1", account_id, now - timedelta(days=6), now)
+        return [(h.hour, h.heartbeats, h.active) for h in found]
+
+    expected = [
+        (old_hour, 2, 1),
+        (recent.replace(minute=0, second=0, microsecond=0), 1, 1),
+    ]
+    # Real-time: nothing materialized yet, the raw rows answer.
+    assert hours() == expected
+    with connect(tsdb_url, autocommit=True) as conn:
+        conn.execute("CALL refresh_continuous_aggregate('heartbeats_hourly', NULL, NULL)")
+        # What the retention policy does to raw heartbeats past their time.
+        conn.execute("SELECT drop_chunks('heartbeats', older_than => now() - INTERVAL '2 days')")
+        left = conn.execute("SELECT count(*) AS n FROM heartbeats").fetchone()
+    assert left == {"n": 1}
+    assert hours() == expected

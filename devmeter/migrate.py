@@ -156,6 +156,13 @@ def _migrate_locked(
         applied.append(f"{migration.version:04d}_{migration.name}")
 
     _apply_policies(conn, mode, retention_days)
+    if mode == "timescaledb" and any(name.startswith("0007_") for name in applied):
+        # What was stored before the continuous aggregate existed: its policy only looks back
+        # 31 days, and the raw rows may be dropped by retention after that.
+        conn.execute(
+            "CALL refresh_continuous_aggregate('heartbeats_hourly', NULL,"
+            " date_trunc('hour', now()) - INTERVAL '1 hour')"
+        )
     ts_version = None
     if mode == "timescaledb":
         ts_row = conn.execute(

@@ -1,7 +1,10 @@
 -- Heartbeats per device and hour: a device's connectivity as the API and console show it, and
 -- what remains of it once raw heartbeats pass their retention (the rollup has none).
--- A continuous aggregate, refreshed by its policy over the last three days; real-time
--- (materialized_only = false), so the hour in progress is counted from the raw rows.
+-- A continuous aggregate, real-time (materialized_only = false: hours not yet materialized are
+-- counted from the raw rows). Its policy refreshes the last 31 days every 30 minutes: only
+-- invalidated and new hours cost anything, and a stop of the background jobs shorter than that
+-- loses nothing. The heartbeats already stored when this is created are materialized once by
+-- `devmeter migrate` (migrate.py: a refresh cannot run inside this migration's transaction).
 CREATE MATERIALIZED VIEW heartbeats_hourly
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT time_bucket(INTERVAL '1 hour', time) AS hour,
@@ -17,7 +20,7 @@ WITH NO DATA;
 CREATE INDEX heartbeats_hourly_device ON heartbeats_hourly (device_id, hour);
 
 SELECT add_continuous_aggregate_policy('heartbeats_hourly',
-    start_offset => INTERVAL '3 days',
+    start_offset => INTERVAL '31 days',
     end_offset => INTERVAL '1 hour',
     schedule_interval => INTERVAL '30 minutes',
     if_not_exists => TRUE);

@@ -231,6 +231,9 @@ def test_a_month_closes_the_same_over_compressed_chunks(tsdb_url: str) -> None:
 
 
 def test_heartbeats_roll_up_per_hour_and_outlive_raw_retention(tsdb_url: str) -> None:
+    """Hours materialized by the policy's refresh stay after the raw chunks are dropped, and
+    heartbeats stored before the aggregate existed (an upgrade) are materialized by migrate,
+    although they are older than the policy's window."""
     migrate(tsdb_url, storage="timescaledb")
     [aggregate] = rows(
         tsdb_url,
@@ -243,16 +246,18 @@ def test_heartbeats_roll_up_per_hour_and_outlive_raw_retention(tsdb_url: str) ->
         " WHERE proc_name = 'policy_refresh_continuous_aggregate'",
     )
     assert refresh["schedule_interval"] == timedelta(minutes=30)
-    assert refresh["config"]["start_offset"] == "3 days"
+    assert refresh["config"]["start_offset"] == "31 days"
 
     now = datetime.now(UTC)
-    seed_fleet(tsdb_url, [("d1", "lte-m", None)], now - timedelta(days=10))
+    seed_fleet(tsdb_url, [("d1", "lte-m", None)], now - timedelta(days=100))
+    ancient_hour = (now - timedelta(days=60)).replace(minute=0, second=0, microsecond=0)
     old_hour = (now - timedelta(days=5)).replace(minute=0, second=0, microsecond=0)
     recent = now - timedelta(hours=1)
     beats = [
-        (old_hour + timedelta(minutes=5), "active", 1),
-        (old_hour + timedelta(minutes=15), "inactive", 2),
-        (recent, "active", 3),
+        (ancient_hour + timedelta(minutes=1), "active", 1),
+        (old_hour + timedelta(minutes=5), "active", 2),
+        (old_hour + timedelta(minutes=15), "inactive", 3),
+        (recent, "active", 4),
     ]
     with connect(tsdb_url) as conn, conn.transaction():
         row = conn.execute("SELECT account_id FROM devices WHERE id = 'd1'").fetchone()
@@ -267,18 +272,30 @@ def test_heartbeats_roll_up_per_hour_and_outlive_raw_retention(tsdb_url: str) ->
 
     def hours() -> list[tuple[datetime, int, int]]:
         with connect(tsdb_url) as conn:
-            found = heartbeat_hours(conn, "d1", account_id, now - timedelta(days=6), now)
+            found = heartbeat_hours(conn, "d1", account_id, now - timedelta(days=90), now)
         return [(h.hour, h.heartbeats, h.active) for h in found]
 
     expected = [
+        (ancient_hour, 1, 1),
         (old_hour, 2, 1),
         (recent.replace(minute=0, second=0, microsecond=0), 1, 1),
     ]
     # Real-time: nothing materialized yet, the raw rows answer.
     assert hours() == expected
+
+    # An upgrade: the heartbeats were there before migration 0007 made the aggregate.
     with connect(tsdb_url, autocommit=True) as conn:
-        conn.execute("CALL refresh_continuous_aggregate('heartbeats_hourly', NULL, NULL)")
-        # What the retention policy does to raw heartbeats past their time.
+        conn.execute("DROP MATERIALIZED VIEW heartbeats_hourly CASCADE")
+        conn.execute("DROP FUNCTION device_heartbeats_hourly")
+        conn.execute("DELETE FROM devmeter_schema_migrations WHERE version = 7")
+    assert "0007_heartbeat_rollup" in migrate(tsdb_url, storage="timescaledb").applied
+
+    with connect(tsdb_url, autocommit=True) as conn:
+        # What the refresh policy runs, then what the retention policy does to old raw rows.
+        conn.execute(
+            "CALL refresh_continuous_aggregate('heartbeats_hourly',"
+            " now() - INTERVAL '31 days', now() - INTERVAL '1 hour')"
+        )
         conn.execute("SELECT drop_chunks('heartbeats', older_than => now() - INTERVAL '2 days')")
         left = conn.execute("SELECT count(*) AS n FROM heartbeats").fetchone()
     assert left == {"n": 1}

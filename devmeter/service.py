@@ -187,7 +187,12 @@ def _serve(start: Callable[[ExitStack, threading.Event], Callable[[], bool]]) ->
         alive = start(stack, stop)
         while alive() and not stop.wait(0.5):
             pass
+        ended_by_itself = not stop.is_set()
         stop.set()
+    if ended_by_itself:
+        # A supervisor (systemd, compose) restarts on a failure status, not on a clean exit.
+        log.error("stopped by itself, not by a signal: exiting with status 1")
+        raise SystemExit(1)
 
 
 def ingest_options(config: Settings) -> IngestOptions:

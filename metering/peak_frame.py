@@ -124,7 +124,8 @@ def frame_peaks_many(
         active=rows["active"].astype(np.bool_),
         start=_micros(start),
     )
-    for group, peak, peak_at, members in peaks:
+    # Classes in name order, as the pure and SQL paths and stored statements have them.
+    for group, peak, peak_at, members in sorted(peaks, key=lambda p: dictionary.groups[p[0]]):
         account_id, device_class = dictionary.groups[group]
         result[account_id][device_class] = ClassPeak(
             device_class,

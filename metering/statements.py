@@ -367,7 +367,7 @@ def close_month(
         try:
             with connect() as conn:
                 peaks = peaks_many(conn, [a.id for a in group], start, end)
-        except psycopg.Error as exc:
+        except Exception as exc:  # this zone's accounts fail (recorded, retried); others go on
             for account in group:
                 _record_failure(connect, report, account, month, exc)
             continue

@@ -181,6 +181,27 @@ def test_a_final_statement_never_changes(
         assert get_statement(conn, CATALOG, "acme", "2026-10", now=NOW).subtotal == 3500
 
 
+def test_a_device_keeps_its_id_account_and_class(
+    database_url: str, opener: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    worked_example(database_url)
+    worked_example(database_url, "beta")
+    for change in (
+        "device_class = 'wifi'",
+        "account_id = (SELECT id FROM accounts WHERE ref = 'beta')",
+        "id = 'acme-renamed'",
+    ):
+        with opener() as conn, pytest.raises(psycopg.errors.RestrictViolation, match="never"):
+            conn.execute(f"UPDATE devices SET {change} WHERE id = 'acme-d1'")
+    with opener() as conn:
+        # The rest of the row moves as before; setting a column to its own value is no change.
+        conn.execute(
+            "UPDATE devices SET name = 'pump', device_class = 'lte-m' WHERE id = 'acme-d1'"
+        )
+        row = conn.execute("SELECT name, device_class FROM devices WHERE id = 'acme-d1'").fetchone()
+    assert row == {"name": "pump", "device_class": "lte-m"}
+
+
 def test_month_not_over_yet_is_not_closed(
     database_url: str, opener: Callable[[], psycopg.Connection[Any]]
 ) -> None:
@@ -263,6 +284,28 @@ def test_an_account_the_database_refuses_fails_alone(
         ("ccc", Decimal(3500), 2),
     ]
     assert [r["ref"] for r in failures] == ["bbb"]
+
+
+def test_a_failing_peak_computation_fails_its_accounts_not_the_close(
+    database_url: str,
+    opener: Callable[[], psycopg.Connection[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worked_example(database_url, "aaa")
+    worked_example(database_url, "bbb")
+
+    def broken(*_args: object) -> None:
+        raise AssertionError("2 devices at a peak of 3")
+
+    monkeypatch.setattr("metering.statements.peaks_many", broken)
+    report = close_month(opener, CATALOG, "2026-10", now=NOW)
+    assert report.closed == []
+    assert sorted(report.failed) == ["aaa", "bbb"]
+    assert "2 devices at a peak of 3" in report.failed["aaa"]
+    with opener() as conn:
+        assert [month for month, _ in due_months(conn, now=NOW)[1:]] == ["2026-10"]
+        failures = conn.execute("SELECT count(*) AS n FROM close_failures").fetchone()
+    assert failures == {"n": 2}
 
 
 def test_due_months_catch_up_from_sign_up(

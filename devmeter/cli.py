@@ -430,8 +430,15 @@ def webhooks_list(status: str | None, month: str | None, account_ref: str | None
 @click.option(
     "--delivery", "ids", type=int, multiple=True, help="This failed delivery (repeatable)."
 )
+@click.option(
+    "--url",
+    help="Send to this URL instead of the one each delivery had (e.g. billing moved; pass "
+    "the new DEVMETER_WEBHOOK_URL).",
+)
 @reports_errors
-def webhooks_retry(month: str | None, account_ref: str | None, ids: tuple[int, ...]) -> None:
+def webhooks_retry(
+    month: str | None, account_ref: str | None, ids: tuple[int, ...], url: str | None
+) -> None:
     """Send failed deliveries again: due now, with a fresh allowance of attempts.
 
     The scheduler (devmeter scheduler, or devmeter up) sends them on its next run. Filters
@@ -441,7 +448,7 @@ def webhooks_retry(month: str | None, account_ref: str | None, ids: tuple[int, .
 
     with transaction(settings()) as conn:
         retried = retry_failed(
-            conn, now=_now(), month=month, account_ref=account_ref, ids=list(ids)
+            conn, now=_now(), month=month, account_ref=account_ref, ids=list(ids), url=url
         )
     emit({"retried": retried})
     if not retried:

@@ -453,14 +453,20 @@ WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
 ORDER BY d.id
 """
 
+# A new URL is skipped for a statement that already has a delivery to it (one per URL).
 _RETRY_SQL: Final = """
 UPDATE webhook_deliveries d
-SET status = 'pending', next_attempt_at = %(now)s, attempts_before_retry = d.attempts
+SET status = 'pending', next_attempt_at = %(now)s, attempts_before_retry = d.attempts,
+    url = coalesce(%(url)s, d.url)
 FROM statements s, accounts a
 WHERE s.id = d.statement_id AND a.id = s.account_id AND d.status = 'failed'
   AND (%(month)s::date IS NULL OR s.month = %(month)s)
   AND (%(account)s::text IS NULL OR a.ref = %(account)s)
   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s))
+  AND NOT EXISTS (
+      SELECT 1 FROM webhook_deliveries o
+      WHERE o.statement_id = d.statement_id AND o.url = %(url)s AND o.id <> d.id
+  )
 RETURNING d.id
 """
 
@@ -501,16 +507,20 @@ def retry_failed(
     month: str | None = None,
     account_ref: str | None = None,
     ids: list[int] | None = None,
+    url: str | None = None,
 ) -> list[int]:
     """Make failed deliveries due again at ``now``, each with a fresh allowance of attempts
-    (the scheduler sends them on its next run). Returns the ids made due, in order."""
+    (the scheduler sends them on its next run), to ``url`` if given (the receiver moved) or
+    else where each was going. Returns the ids made due, in order."""
     if month is None and account_ref is None and not ids:
         raise InvalidError(
             "name what to retry: a month, an account or delivery ids", field="delivery"
         )
+    if url is not None:
+        _check_url(url)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
-            _RETRY_SQL, {**_filters(None, month, account_ref, ids), "now": now}
+            _RETRY_SQL, {**_filters(None, month, account_ref, ids), "now": now, "url": url}
         ).fetchall()
     retried = sorted(int(row["id"]) for row in rows)
     for delivery_id in retried:

@@ -338,7 +338,12 @@ def test_an_operator_retry_sends_a_failed_delivery_again(
     assert refused.code != 0
     assert "name what to retry" in refused.stderr
     assert cli("webhooks", "retry", "--month", "2026-09").json() == {"retried": []}
-    retried = cli("webhooks", "retry", "--account", "acme")
+    bad = cli("webhooks", "retry", "--account", "acme", "--url", "ftp://billing.example/x")
+    assert bad.code != 0
+    assert "http:// or https://" in bad.stderr
+    # Billing moved: the retry goes to the new URL.
+    moved = receiver.url.replace("/billing/devmeter", "/billing/v2")
+    retried = cli("webhooks", "retry", "--account", "acme", "--url", moved)
     assert retried.code == 0, retried.stderr
     assert retried.json() == {"retried": [failed["id"]]}
     # Already pending: a second retry finds nothing failed.
@@ -350,13 +355,19 @@ def test_an_operator_retry_sends_a_failed_delivery_again(
     clock.advance(timedelta(hours=7))
     assert deliver(database_url, clock, max_attempts=2) == DeliveryReport(delivered=1)
     assert attempts(database_url) == [(1, 500), (2, 502), (3, 503), (4, 200)]
+    assert [r.path for r in receiver.requests] == [
+        "/billing/devmeter",
+        "/billing/devmeter",
+        "/billing/v2",
+        "/billing/v2",
+    ]
     assert {r.headers["Idempotency-Key"] for r in receiver.requests} == {KEY}
     with connect(database_url) as conn:
         [delivered] = webhook.list_deliveries(conn, status="delivered")
         with pytest.raises(InvalidError, match="unknown delivery status"):
             webhook.list_deliveries(conn, status="lost")
     assert (delivered.attempts, delivered.last_status_code) == (4, 200)
-    assert delivered.url == receiver.url
+    assert delivered.url == moved
 
 
 def test_a_locked_delivery_is_skipped_not_waited_for(

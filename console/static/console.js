@@ -177,6 +177,36 @@
     });
   }
 
+  // The open month's usage keeps moving while devices report: re-read the page in the
+  // background and swap in its content, only while the tab is shown. A failed read keeps what
+  // is there; the next tick tries again.
+  function wireLiveRefresh() {
+    var marker = document.querySelector("[data-refresh-seconds]");
+    if (!marker) {
+      return;
+    }
+    var seconds = Math.max(5, Number(marker.dataset.refreshSeconds) || 30);
+    setInterval(async function () {
+      var current = document.getElementById("main");
+      if (document.visibilityState !== "visible" || !current || current.contains(document.activeElement)) {
+        return;
+      }
+      try {
+        var response = await fetch(window.location.href, { credentials: "same-origin" });
+        if (!response.ok) {
+          return;
+        }
+        var fresh = new DOMParser().parseFromString(await response.text(), "text/html").getElementById("main");
+        if (fresh) {
+          current.replaceWith(fresh);
+        }
+      } catch (ignored) {
+        // Offline for a moment: keep the page as it is.
+      }
+    }, seconds * 1000);
+  }
+
   wireDialog();
   wireCopyButtons();
+  wireLiveRefresh();
 })();

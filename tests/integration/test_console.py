@@ -632,6 +632,7 @@ def test_usage_of_the_worked_example(client: TestClient, database_url: str) -> N
     assert 'data-testid="preliminary-badge"' in page
     assert "Preliminary — may differ from the final bill" in page
     assert 'data-testid="final-badge"' not in page
+    assert 'id="live-note" data-refresh-seconds="30"' in page, "the open month refreshes itself"
 
     # The chart: one bar per day of October, the peak line at 12 marked on Oct 5.
     chart = re.search(r'<svg[^>]*data-testid="usage-chart" data-class="lte-m".*?</svg>', page, re.S)
@@ -676,6 +677,7 @@ def test_usage_of_the_worked_example(client: TestClient, database_url: str) -> N
     final = assert_page(client.get("/console/usage", params={"month": "2026-10"}))
     assert 'data-testid="final-badge"' in final
     assert "Preliminary" not in final
+    assert "data-refresh-seconds" not in final, "a final month never changes"
     assert 'data-amount="3500"' in final
     assert '<td class="num" data-testid="peak">12</td>' in final
 

@@ -6,6 +6,7 @@ in, so this runs the same in the worker, in tests and in benchmarks. See docs/pr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,9 @@ _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _MAX_SEQ = 2**63 - 1
 
 State = Literal["active", "inactive"]
+
+
+log = logging.getLogger("devmeter.ingest")
 
 
 class Reason(StrEnum):
@@ -120,13 +124,27 @@ def process(
     try:
         return _process(topic, payload, received_at, directory)
     except _Refused as refused:
-        return Rejection(
-            refused.reason,
-            refused.detail,
-            topic,
-            payload[:QUARANTINE_PAYLOAD_BYTES],
-            received_at,
-        )
+        reason, detail = refused.reason, refused.detail
+    except Exception as exc:  # a case this module did not foresee must not stop ingest
+        log.exception("unforeseen error processing a message on %r; quarantined", topic)
+        reason, detail = Reason.SCHEMA, f"unprocessable: {type(exc).__name__}: {exc}"
+    return Rejection(
+        reason,
+        _storable(detail)[:_DETAIL_CHARS],
+        _storable(topic),
+        payload[:QUARANTINE_PAYLOAD_BYTES],
+        received_at,
+    )
+
+
+#: Quarantine keeps the start of a long detail (msgspec quotes unknown field names whole).
+_DETAIL_CHARS = 500
+
+
+def _storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: NUL, which text columns refuse (msgspec copies
+    field names into its messages as they are), and unpaired surrogates written out."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _process(
@@ -220,7 +238,8 @@ def _decode(payload: bytes, is_gateway: bool) -> _DevicePayload | _GatewayPayloa
         return _decode_gateway(payload) if is_gateway else _decode_device(payload)
     except msgspec.ValidationError as exc:
         raise _Refused(Reason.SCHEMA, str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise _Refused(Reason.MALFORMED_JSON, str(exc)) from None
 
 
@@ -239,7 +258,10 @@ def _parse_ts(ts: str | int) -> datetime:
         raise _Refused(Reason.SCHEMA, "ts must carry a UTC offset (e.g. Z) - at `$.ts`")
     if time < _EARLIEST:
         raise _Refused(Reason.SCHEMA, "ts is before 2000-01-01 - at `$.ts`")
-    return time.astimezone(UTC)
+    try:
+        return time.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+        raise _Refused(Reason.SCHEMA, "ts is out of range - at `$.ts`") from None
 
 
 def _known(directory: Mapping[str, DeviceInfo], device_id: str, time: datetime) -> DeviceInfo:

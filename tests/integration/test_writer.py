@@ -11,7 +11,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from devmeter.db import connect
-from ingest.processor import Heartbeat, Reason, Rejection, State, device_topic
+from ingest.processor import Heartbeat, Reason, Rejection, State, device_topic, process
 from ingest.writer import load_directory, write_batch
 from metering.registry import set_device_state
 from tests.conftest import seed_fleet
@@ -174,6 +174,30 @@ def test_rejections_are_quarantined(conn: psycopg.Connection[dict[str, object]])
         "detail": "Object missing required field `seq`",
         "payload": b'{"state":"active"}',
     }
+
+
+def test_hostile_payloads_are_quarantined_not_fatal(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    """Each of these once stopped the worker: an exception out of the processor, or a detail
+    PostgreSQL refuses to store (NUL), which failed every retry of the batch."""
+    directory = load_directory(conn)
+    payloads = [
+        b'{"state":"\xff","ts":1,"seq":2}',
+        b'{"state":"active","ts":"9999-12-31T23:59:59-01:00","seq":1}',
+        b'{"state":"active","ts":"2026-10-01T00:00:00Z","seq":1,"\\u0000":0}',
+    ]
+    rejections = []
+    for payload in payloads:
+        result = process(device_topic("d1"), payload, T0 + timedelta(minutes=1), directory)
+        assert isinstance(result, Rejection), payload
+        rejections.append(result)
+    assert write_batch(conn, [], rejections).rejections == 3
+    rows = conn.execute("SELECT reason, detail, payload FROM rejected_heartbeats ORDER BY id")
+    stored = rows.fetchall()
+    assert [r["reason"] for r in stored] == ["malformed_json", "schema", "schema"]
+    assert [r["payload"] for r in stored] == payloads
+    assert "unknown field `\\x00`" in str(stored[2]["detail"])
 
 
 def test_directory_lists_devices_with_binding(conn: psycopg.Connection[dict[str, object]]) -> None:

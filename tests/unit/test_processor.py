@@ -110,6 +110,12 @@ CHILDREN_OVER = [{"id": f"x{i}", "state": "active"} for i in range(MAX_CHILDREN 
         (device_topic("d1"), _payload(ts=10**20), Reason.SCHEMA, "`$.ts`"),
         (device_topic("d1"), _payload(ts=0), Reason.SCHEMA, "before 2000"),
         (device_topic("d1"), _payload(devices=[]), Reason.SCHEMA, "unknown field `devices`"),
+        # Invalid UTF-8 inside a JSON string: msgspec raises UnicodeDecodeError for it.
+        (device_topic("d1"), b'{"state":"\xff","ts":1,"seq":2}', Reason.MALFORMED_JSON, "utf"),
+        # Valid, but past year 9999 once in UTC.
+        (device_topic("d1"), _payload(ts="9999-12-31T23:59:59-01:00"), Reason.SCHEMA, "range"),
+        # A NUL in a field name, which msgspec copies into its message: stored escaped.
+        (device_topic("d1"), _payload(**{"\x00": 0}), Reason.SCHEMA, "unknown field `\\x00`"),
         (device_topic("nope"), _payload(), Reason.UNKNOWN_DEVICE, "'nope'"),
         (
             device_topic("d1"),
@@ -158,3 +164,20 @@ def test_quarantined_payload_is_truncated() -> None:
     result = process(device_topic("d1"), b"x" * MAX_PAYLOAD_BYTES, RECEIVED, DIRECTORY)
     assert isinstance(result, Rejection)
     assert len(result.payload) == QUARANTINE_PAYLOAD_BYTES
+
+
+def test_details_hold_no_nul_and_an_unforeseen_error_is_quarantined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nul = process(device_topic("d1"), _payload(**{"a\x00b": 0}), RECEIVED, DIRECTORY)
+    assert isinstance(nul, Rejection)
+    assert "\x00" not in nul.detail
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("ingest.processor._process", broken)
+    result = process(device_topic("d1"), _payload(), RECEIVED, DIRECTORY)
+    assert isinstance(result, Rejection)
+    assert result.reason == Reason.SCHEMA
+    assert result.detail == "unprocessable: RuntimeError: a bug"

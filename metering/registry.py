@@ -254,17 +254,20 @@ def set_device_state(
 ) -> Device:
     """Set a device Active or Inactive at ``at`` (D2), recording a state event.
 
-    Idempotent: asking for the state the device is already in records nothing. ``account_id``
-    scopes the lookup for callers acting for one account (A4): another account's device is
-    "not found", never "forbidden".
+    Idempotent in effect: asking for the state the device is already in leaves it there. The
+    request is still recorded, because a heartbeat that arrives late, dated between the
+    device's last event and ``at``, must not outlive it (D3). ``at`` is moved up to the
+    device's latest known event or heartbeat when it is earlier (a device clock ahead, or a
+    batch committed while this waited for the device's lock): the devices row and the events
+    then agree. ``account_id`` scopes the lookup for callers acting for one account (A4):
+    another account's device is "not found", never "forbidden".
     """
     _require_aware(at)
     if state not in ("active", "inactive"):
         raise InvalidError(f"invalid state {state!r}: active or inactive", field="state")
     device = _lock_device(conn, device_id, account_id, field="device")
-    if device.state == state and device.state_at <= at:
-        return device
-    if state == "active":
+    at = max(at, device.state_at)
+    if state == "active" and device.state != "active":
         account = conn.execute(Q["select_account_by_id"], {"id": device.account_id}).fetchone()
         assert account is not None
         if account["status"] == "suspended":

@@ -157,6 +157,40 @@ def test_console_event_then_older_heartbeat_keeps_console_state(
     assert current(conn, "d1") == ("inactive", 50, 40)
 
 
+def test_a_repeated_deactivate_outlives_a_late_heartbeat_dated_before_it(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    write_batch(conn, [hb("d1", 10, "inactive", 1)], [])
+    with conn.transaction():
+        # Already inactive: changes nothing now, but is recorded.
+        set_device_state(
+            conn, device_id="d1", state="inactive", at=T0 + timedelta(minutes=20), source="api"
+        )
+    write_batch(conn, [hb("c1", 15, "active", 2, reporter="g1"), hb("d1", 15, "active", 2)], [])
+    assert timeline(conn, "d1")[-3:] == [
+        (10, "inactive", "heartbeat"),
+        (15, "active", "heartbeat"),
+        (20, "inactive", "api"),
+    ]
+    assert current(conn, "d1")[:2] == ("inactive", 20)
+
+
+def test_an_action_dated_before_an_unrecorded_heartbeat_moves_after_it(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    # An in-order Active heartbeat of an Active device records no event, only moves the row.
+    write_batch(conn, [hb("d1", 13, "active", 1)], [])
+    assert timeline(conn, "d1") == [(0, "active", "registration")]
+    with conn.transaction():
+        device = set_device_state(
+            conn, device_id="d1", state="inactive", at=T0 + timedelta(minutes=10), source="api"
+        )
+    # Dated at 10, it would say Inactive from 10 while the device said Active at 13.
+    assert (device.state, device.state_at) == ("inactive", T0 + timedelta(minutes=13))
+    assert timeline(conn, "d1") == [(0, "active", "registration"), (13, "inactive", "api")]
+    assert current(conn, "d1") == ("inactive", 13, 13)
+
+
 def test_rejections_are_quarantined(conn: psycopg.Connection[dict[str, object]]) -> None:
     rejection = Rejection(
         Reason.SCHEMA,

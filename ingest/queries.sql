@@ -110,8 +110,14 @@ WHERE created_at >= %(since)s;
 INSERT INTO device_state_events (time, device_id, account_id, device_class, state, source, seq)
 SELECT n.time, n.device_id, d.account_id, d.device_class, n.state,
        CASE WHEN n.reporter = n.device_id THEN 'heartbeat' ELSE 'gateway' END, n.seq
-FROM unnest(%(device_ids)s::text[], %(times)s::timestamptz[], %(states)s::text[])
-         AS late (device_id, time, state)
+FROM (
+    -- Two late heartbeats of one device at one instant (say, from the device and from its
+    -- gateway) share their successor: one row each would insert it twice, as the NOT EXISTS
+    -- below does not see this statement's own inserts.
+    SELECT DISTINCT device_id, time, state
+    FROM unnest(%(device_ids)s::text[], %(times)s::timestamptz[], %(states)s::text[])
+         AS l (device_id, time, state)
+) late
 JOIN devices d ON d.id = late.device_id
 CROSS JOIN LATERAL (
     SELECT h.time, h.device_id, h.state, h.seq, h.reporter FROM heartbeats h

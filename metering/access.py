@@ -170,11 +170,16 @@ def revoke_key(conn: Conn, account_id: int, member_id: int, key_id: int, at: dat
     """
     member = _member(conn, account_id, member_id)
     if member.role == "owner":
-        live = conn.execute(
-            "SELECT array_agg(id) AS ids FROM api_keys WHERE member_id = %s AND revoked_at IS NULL",
-            (member_id,),
-        ).fetchone()
-        if live is not None and (live["ids"] or []) == [key_id]:
+        # Locked, so that two revocations of the owner's last two keys cannot both pass.
+        live = [
+            row["id"]
+            for row in conn.execute(
+                "SELECT id FROM api_keys WHERE member_id = %s AND revoked_at IS NULL"
+                " ORDER BY id FOR UPDATE",
+                (member_id,),
+            )
+        ]
+        if live == [key_id]:
             raise ConflictError(
                 "this is the owner's last live key: issue another before revoking it",
                 field="key_id",

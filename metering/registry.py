@@ -27,10 +27,12 @@ State = Literal["active", "inactive"]
 EventSource = Literal["registration", "console", "api", "cli", "heartbeat", "gateway", "import"]
 Conn = psycopg.Connection[Any]
 
-ACCOUNT_REF = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, which the database's own checks
+# then refuse with an error instead of this module's clear one.
+ACCOUNT_REF = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 # Device ids appear in MQTT topics: no '/', '+', '#' or spaces.
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-COUNTRY = re.compile(r"^[A-Z]{2}$")
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+COUNTRY = re.compile(r"^[A-Z]{2}\Z")
 GATEWAY_CLASS = "gateway"
 
 

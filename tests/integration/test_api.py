@@ -94,6 +94,9 @@ def test_device_lifecycle(client: TestClient) -> None:
         client.post("/v1/devices", json={"class": "lte-m", "id": "a/b"}, headers=h), 422, "id"
     )
     assert_problem(
+        client.post("/v1/devices", json={"class": "lte-m", "id": "abc\n"}, headers=h), 422, "id"
+    )
+    assert_problem(
         client.post("/v1/devices", json={"class": "wifi", "gateway_id": "d1"}, headers=h),
         422,
         "gateway",

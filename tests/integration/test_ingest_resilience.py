@@ -206,6 +206,18 @@ def test_database_cut_off_mid_stream_recovers_by_itself(
             "WHERE datname = %s AND application_name = 'devmeter'",
             (dbname,),
         )
+        # The paused stream may all be stored already: one more message (for a device that
+        # does not exist, so it ends in quarantine and the counts below are the stream's)
+        # makes sure the worker has a batch to write while the database is away.
+        nudge = Publisher(mqtt_url)
+        try:
+            nudge.client.publish(
+                device_topic(f"nobody-{uid}"),
+                orjson.dumps({"state": "active", "ts": BASE.isoformat(), "seq": 0}),
+                qos=1,
+            ).wait_for_publish(30)
+        finally:
+            nudge.close()
         poll(lambda: "not written" in worker.log.read_text(), 30, "the worker to notice")
         # Keep it down for a few failed retries, then bring it back.
         poll(lambda: "retry 3" in worker.log.read_text(), 30, "three failed retries")
@@ -216,5 +228,8 @@ def test_database_cut_off_mid_stream_recovers_by_itself(
     assert stream.error is None, stream.error
     poll(lambda: stored(database_url) >= total, 120, f"all {total} heartbeats")
     assert_exactly_once(database_url, total)
+    # The message sent while the database was away was kept too, in quarantine.
+    unknown = "SELECT count(*) FROM rejected_heartbeats WHERE reason = 'unknown_device'"
+    assert count(database_url, unknown) == 1
     assert worker.proc is not None
     assert worker.proc.poll() is None, "the worker kept running"

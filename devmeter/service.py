@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devmeter.config import RUNTIME_FILE, Settings
 from devmeter.errors import ConfigError
@@ -117,40 +117,47 @@ def _with_admin_token(config: Settings) -> Settings:
     return config.model_copy(update={"admin_token": SecretStr(token)})
 
 
-def _start_api(config: Settings, database_url: str, mqtt_url: str | None, stack: ExitStack) -> str:
+def serve_in_thread(
+    app: Any, host: str, port: int, *, name: str, ws: str = "auto"
+) -> tuple[str, Callable[[], None]]:
+    """``app`` served by uvicorn in a daemon thread: its base URL once it accepts connections
+    (port 0: the kernel's choice, read back, so no other process can take it in between) and
+    a function that stops it. uvicorn installs signal handlers only on the main thread: the
+    caller owns signals. Raises ConfigError if it is not serving within 30 s."""
     import uvicorn
 
-    from api.app import create_app
-
-    app = create_app(_with_admin_token(config), database_url=database_url, mqtt_url=mqtt_url)
     server = uvicorn.Server(
         uvicorn.Config(
-            app,
-            host=config.api_host,
-            port=config.api_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on", ws=ws
         )
     )
-    # uvicorn installs signal handlers only on the main thread; here the caller owns signals.
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise ConfigError(
-                f"the API could not start on {config.api_host}:{config.api_port} "
-                "(port in use? set DEVMETER_API_PORT)"
-            )
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://{config.api_host}:{port}"
+            raise ConfigError(f"{name} could not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
 
     def stop() -> None:
         server.should_exit = True
         thread.join(10)
 
+    return f"http://{host}:{bound}", stop
+
+
+def _start_api(config: Settings, database_url: str, mqtt_url: str | None, stack: ExitStack) -> str:
+    from api.app import create_app
+
+    app = create_app(_with_admin_token(config), database_url=database_url, mqtt_url=mqtt_url)
+    try:
+        base, stop = serve_in_thread(app, config.api_host, config.api_port, name="api")
+    except ConfigError as exc:
+        raise ConfigError(
+            f"the API could not start on {config.api_host}:{config.api_port} "
+            "(port in use? set DEVMETER_API_PORT)"
+        ) from exc
     stack.callback(stop)
     _say(f"API at {base}/v1 (OpenAPI: {base}/docs); console at {base}/console")
     return base

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import uvicorn
 from _pytest.terminal import TerminalReporter
 from playwright.sync_api import (
     Browser,
@@ -34,6 +32,7 @@ from playwright.sync_api import (
 )
 
 from devmeter.config import Settings
+from devmeter.service import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -167,27 +166,11 @@ def console_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     # data_dir: no runtime.json of a `devmeter up` in the working tree may leak in.
     config = Settings(env="test", data_dir=tmp_path)
     app = create_app(config, database_url=database_url)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,  # the kernel's choice, read back below: no window for another process
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            ws="none",
-        )
-    )
-    thread = threading.Thread(target=server.run, name="console-e2e", daemon=True)
-    thread.start()
-    until(lambda: server.started or not thread.is_alive(), 30, "uvicorn to start")
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
+    base, stop = serve_in_thread(app, "127.0.0.1", 0, name="console-e2e", ws="none")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
-        server.should_exit = True
-        thread.join(15)
+        stop()
 
 
 @dataclass

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +20,6 @@ import httpx
 import psycopg
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -39,6 +36,7 @@ from schemathesis.specs.openapi.checks import (
 from api.app import create_app
 from devmeter.config import Settings
 from devmeter.db import connect
+from devmeter.service import serve_in_thread
 from metering.access import issue_key
 from tests.integration.test_close import worked_example
 from tests.servers import Server
@@ -119,24 +117,11 @@ def served_database_url(pg_server: Server, template_db: str) -> Iterator[str]:
 def api_base(served_database_url: str, mqtt_url: str) -> Iterator[str]:
     """The app served by uvicorn in a thread; port 0, so there is no race for a free port."""
     app = create_app(_config(), database_url=served_database_url, mqtt_url=mqtt_url, console=False)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"
-        )
-    )
-    thread = threading.Thread(target=server.run, name="schemathesis-api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited before it started serving"
-        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    base, stop = serve_in_thread(app, "127.0.0.1", 0, name="schemathesis-api")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
-        server.should_exit = True
-        thread.join(15)
+        stop()
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
         publisher = Publisher(runtime["mqtt_url"])
         try:
             publisher.publish(
-                device_topic("d1"),
+                device_topic("acme", "d1"),
                 {"state": "inactive", "ts": datetime.now(UTC).isoformat(), "seq": 1},
             )
         finally:

@@ -39,6 +39,8 @@ class Publisher:
             client_id=f"test-pub-{uuid.uuid4().hex[:8]}",
             protocol=address.protocol,
         )
+        if address.username is not None:
+            self.client.username_pw_set(address.username, address.password)
         self.client.connect(address.host, address.port)
         self.client.loop_start()
 

@@ -36,7 +36,8 @@ def create_app(
     console: bool = True,
 ) -> FastAPI:
     config = config or Settings()
-    url = database_url or config.require_database_url()
+    # The service role's (devmeter/config.py), unless the caller already derived it.
+    url = database_url or config.service_database_url()
     broker = mqtt_url or config.mqtt_url or config.runtime.get("mqtt_url")
     catalog = load_catalog(config.catalog)
 

@@ -96,7 +96,7 @@ def transaction(config: Settings) -> Iterator[psycopg.Connection[dict[str, objec
     """One unit of work: committed when the block ends, rolled back (nothing changed) on error."""
     from devmeter.db import connect
 
-    with connect(config.require_database_url()) as conn, conn.transaction():
+    with connect(config.service_database_url()) as conn, conn.transaction():
         yield conn
 
 
@@ -117,7 +117,12 @@ def main() -> None:
 @main.command()
 @reports_errors
 def migrate() -> None:
-    """Apply database migrations (safe to run twice, or from two processes at once)."""
+    """Apply database migrations (safe to run twice, or from two processes at once).
+
+    Runs as the owner DEVMETER_DATABASE_URL names; creates the service role
+    (DEVMETER_SERVICE_ROLE, password DEVMETER_SERVICE_PASSWORD) that every other command
+    logs in as, and grants it what the service needs.
+    """
     from devmeter.migrate import migrate as run_migrations
 
     config = settings()
@@ -125,6 +130,10 @@ def migrate() -> None:
         config.require_database_url(),
         storage=config.storage,
         heartbeat_retention_days=config.heartbeat_retention_days,
+        service_role=config.service_role,
+        service_password=(
+            config.service_password.get_secret_value() if config.service_password else None
+        ),
     )
     click.echo(
         f"schema at version {result.current_version}; storage mode: {result.mode}"
@@ -445,7 +454,7 @@ def close(month: str, account_ref: str | None) -> None:
     from metering.statements import close_month
 
     config = settings()
-    url = config.require_database_url()
+    url = config.service_database_url()
     report = close_month(
         lambda: connect(url),
         catalog(config),

@@ -10,7 +10,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devmeter.errors import ConfigError
@@ -19,6 +19,9 @@ from devmeter.errors import ConfigError
 #: commands started from the same folder reach the same database and broker without
 #: the user copying URLs around.
 RUNTIME_FILE = "runtime.json"
+
+#: The database role the service logs in as unless DEVMETER_SERVICE_ROLE names another.
+SERVICE_ROLE = "devmeter_service"
 
 
 def public_url(broker_url: str) -> str:
@@ -65,6 +68,17 @@ class Settings(BaseSettings):
     timezone: str = Field(default="Asia/Tokyo", description="default billing time zone (IANA)")
     data_dir: Path = Field(
         default=Path(".devmeter"), description="where `devmeter up` keeps embedded servers' data"
+    )
+    service_role: str = Field(
+        default=SERVICE_ROLE,
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="database role the service logs in as (owns nothing, no superuser); "
+        "`devmeter migrate` creates it and grants it what the service needs",
+    )
+    service_password: SecretStr | None = Field(
+        default=None,
+        description="password of the service role; set by `devmeter migrate`, used by every "
+        "other command; required in production",
     )
     storage: Literal["auto", "timescaledb", "plain"] = Field(
         default="auto",
@@ -140,6 +154,19 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 16 characters (use a random value)")
         return value
 
+    @model_validator(mode="after")
+    def _check_service_password(self) -> Settings:
+        # Without a password the service role can only log in where the server trusts the
+        # connection; in production that is a misconfiguration, found here rather than at the
+        # first connection. A URL naming the service role may carry its own password.
+        if (
+            self.env == "production"
+            and self.service_password is None
+            and not (self.database_url and self._names_service_role(self.database_url))
+        ):
+            raise ValueError("DEVMETER_SERVICE_PASSWORD is required in production")
+        return self
+
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
@@ -169,6 +196,30 @@ class Settings(BaseSettings):
             return self.mqtt_public_url
         url = self.mqtt_url or self.runtime.get("mqtt_url")
         return public_url(url) if url else None
+
+    def _names_service_role(self, url: str) -> bool:
+        from devmeter.db import url_user
+
+        return url_user(url) == self.service_role
+
+    @property
+    def database_url_names_service_role(self) -> bool:
+        """True when DEVMETER_DATABASE_URL already logs in as the service role: the service can
+        use it as is, and it cannot migrate (the owner does)."""
+        return self.database_url is not None and self._names_service_role(self.database_url)
+
+    def service_database_url(self) -> str:
+        """The URL every connection but the migration's opens: the service role's.
+
+        Derived from the configured URL (or that of a `devmeter up` running here) by logging in
+        as DEVMETER_SERVICE_ROLE, so a superuser URL never reaches the service.
+        """
+        from devmeter.db import service_url
+
+        if self.database_url is None and (url := self.runtime.get("service_database_url")):
+            return url
+        password = self.service_password.get_secret_value() if self.service_password else None
+        return service_url(self.require_database_url(), self.service_role, password)
 
     def require_mqtt_url(self) -> str:
         url = self.mqtt_url or self.runtime.get("mqtt_url")

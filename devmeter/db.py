@@ -11,6 +11,7 @@ from importlib import resources
 from typing import LiteralString
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 _NAME_HEADER = re.compile(r"^--\s*name:\s*(?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
@@ -49,3 +50,26 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[dict[st
         application_name=APPLICATION_NAME,
         options="-c timezone=UTC",
     )
+
+
+def url_user(url: str) -> str | None:
+    """The role a libpq URL logs in as, when it names one."""
+    user = conninfo_to_dict(url).get("user")
+    return str(user) if user else None
+
+
+def service_url(url: str, role: str, password: str | None) -> str:
+    """``url``'s server and database, logged in as the service role ``role``.
+
+    The service logs in as that role rather than ``SET ROLE`` from the owner's session, which
+    any statement it runs could undo with ``RESET ROLE``. A URL that already names ``role`` is
+    kept (with ``password`` added when it carries none); any other user and its password are
+    replaced, so an owner or superuser URL given to ``devmeter up`` never reaches the service.
+    """
+    params = conninfo_to_dict(url)
+    if params.get("user") != role:
+        params.pop("password", None)
+        params["user"] = role
+    if password and not params.get("password"):
+        params["password"] = password
+    return make_conninfo("", **params)

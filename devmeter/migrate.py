@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Literal, cast
+from typing import Literal, LiteralString, cast
 
 import psycopg
 from psycopg import sql
 
-from devmeter.db import connect
+from devmeter.config import SERVICE_ROLE
+from devmeter.db import connect, load_queries
 from devmeter.errors import ConfigError
 
 StorageMode = Literal["timescaledb", "plain"]
@@ -97,12 +99,21 @@ def _choose_mode(conn: psycopg.Connection[dict[str, object]], wanted: str) -> St
 
 
 def migrate(
-    url: str, *, storage: str = "auto", heartbeat_retention_days: int = 400
+    url: str,
+    *,
+    storage: str = "auto",
+    heartbeat_retention_days: int = 400,
+    service_role: str = SERVICE_ROLE,
+    service_password: str | None = None,
 ) -> MigrateResult:
+    """Apply the migrations as the owner ``url`` logs in as, then create (or check) the
+    service role and grant it exactly devmeter/service_role.sql."""
     with connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
-            return _migrate_locked(conn, storage, heartbeat_retention_days)
+            result = _migrate_locked(conn, storage, heartbeat_retention_days)
+            ensure_service_role(conn, service_role, service_password)
+            return result
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
@@ -232,3 +243,109 @@ def ensure_month_partitions(
             ).fetchone()
         created += int(cast(int, row["n"])) if row else 0
     return created
+
+
+def ensure_service_role(
+    conn: psycopg.Connection[dict[str, object]], role: str, password: str | None
+) -> None:
+    """Create the service role if missing (or check the one that exists), then grant it what
+    the service needs and nothing else. ``conn`` is the owner's, in autocommit mode."""
+    me = conn.execute("SELECT current_user AS name").fetchone()
+    if me is not None and me["name"] == role:
+        raise ConfigError(
+            f"devmeter migrate must run as the schema's owner, not as the service role {role!r} "
+            "(point DEVMETER_DATABASE_URL at the owner for the migration)"
+        )
+    name = sql.Identifier(role)
+    # A password travels as the libpq-computed verifier, never in the clear (server logs).
+    verifier = (
+        conn.pgconn.encrypt_password(password.encode(), role.encode()).decode()
+        if password
+        else None
+    )
+    existing = conn.execute(
+        "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls, rolcanlogin "
+        "FROM pg_roles WHERE rolname = %s",
+        (role,),
+    ).fetchone()
+    if existing is None:
+        create = sql.SQL(
+            "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION "
+            "NOBYPASSRLS"
+        ).format(name)
+        if verifier:
+            create += sql.SQL(" PASSWORD {}").format(sql.Literal(verifier))
+        try:
+            conn.execute(create)
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            # Roles belong to the whole cluster: another database's migrate (or a test worker)
+            # created it at the same moment. Then it is the one checked below.
+            pass
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"cannot create the service role {role!r} ({exc.diag.message_primary}); create "
+                "it (LOGIN, nothing else) or name an existing one in DEVMETER_SERVICE_ROLE"
+            ) from exc
+        else:
+            verifier = None
+    _check_service_role(conn, role)
+    if verifier:
+        _alter_role_password(conn, name, verifier)
+    grants = _service_role_queries()["grant_service_role"]
+    with conn.transaction():
+        conn.execute(sql.SQL(grants).format(role=name))
+
+
+def _check_service_role(conn: psycopg.Connection[dict[str, object]], role: str) -> None:
+    """Refuse a service role that could rewrite evidence by other means than its grants."""
+    row = conn.execute(
+        """
+        SELECT r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication
+                   OR r.rolbypassrls AS privileged,
+               r.rolcanlogin AS can_login,
+               (SELECT array_agg(g.rolname::text ORDER BY g.rolname) FROM pg_auth_members m
+                JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) AS member_of,
+               EXISTS (SELECT 1 FROM pg_class WHERE relowner = r.oid)
+                   OR EXISTS (SELECT 1 FROM pg_proc WHERE proowner = r.oid)
+                   OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspowner = r.oid)
+                   OR EXISTS (SELECT 1 FROM pg_database
+                              WHERE datname = current_database() AND datdba = r.oid) AS owns
+        FROM pg_roles r WHERE r.rolname = %s
+        """,
+        (role,),
+    ).fetchone()
+    if row is None:
+        raise ConfigError(f"the service role {role!r} does not exist")
+    problems = []
+    if row["privileged"]:
+        problems.append("is a superuser or may create roles/databases, replicate or bypass RLS")
+    if not row["can_login"]:
+        problems.append("cannot log in")
+    if row["member_of"]:
+        problems.append(f"is a member of {row['member_of']} (SET ROLE would escalate)")
+    if row["owns"]:
+        problems.append("owns objects of this database (an owner bypasses grants)")
+    if problems:
+        raise ConfigError(
+            f"the service role {role!r} " + "; ".join(problems) + ": devmeter needs a role "
+            "with LOGIN and nothing else (DEVMETER_SERVICE_ROLE)"
+        )
+
+
+def _alter_role_password(
+    conn: psycopg.Connection[dict[str, object]], name: sql.Identifier, verifier: str
+) -> None:
+    # Two migrations of different databases in one cluster may set it at the same instant;
+    # PostgreSQL then fails one with "tuple concurrently updated". The value is the same.
+    for attempt in range(5):
+        try:
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(name, sql.Literal(verifier)))
+            return
+        except psycopg.errors.InternalError_:
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _service_role_queries() -> dict[str, LiteralString]:
+    return load_queries("devmeter", "service_role.sql")

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
 from devmeter.config import RUNTIME_FILE, Settings
 from devmeter.errors import ConfigError
 
@@ -50,27 +52,55 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
                 f"no DEVMETER_DATABASE_URL: started embedded PostgreSQL at {pg.url} "
                 f"(data in {pg.data_dir})"
             )
-        from devmeter.migrate import migrate
+            update: dict[str, object] = {"database_url": database_url}
+            if config.service_password is None:
+                # The embedded server asks every role for a password (any local user can
+                # reach its port); the service role's is made once and kept with the data.
+                update["service_password"] = _embedded_service_password(data_dir)
+            config = config.model_copy(update=update)
+        if config.database_url_names_service_role:
+            # The owner migrates (compose: the `migrate` service); the service role cannot.
+            _say(
+                f"DEVMETER_DATABASE_URL logs in as the service role {config.service_role!r}: "
+                "not migrating (run `devmeter migrate` as the owner)"
+            )
+        else:
+            from devmeter.migrate import migrate
 
-        result = migrate(
-            database_url,
-            storage=config.storage,
-            heartbeat_retention_days=config.heartbeat_retention_days,
-        )
-        _say(f"database schema at version {result.current_version}, storage mode {result.mode}")
+            result = migrate(
+                database_url,
+                storage=config.storage,
+                heartbeat_retention_days=config.heartbeat_retention_days,
+                service_role=config.service_role,
+                service_password=(
+                    config.service_password.get_secret_value() if config.service_password else None
+                ),
+            )
+            _say(f"database schema at version {result.current_version}, storage mode {result.mode}")
+        # Everything below logs in as the service role, whatever role the given URL names.
+        service_url = config.service_database_url()
+        _say(f"the service logs in as the database role {config.service_role!r}")
 
         mqtt_url = config.mqtt_url
         if mqtt_url is None:
-            mqtt_url = _start_authenticating_broker(database_url, data_dir, stop, stack)
+            mqtt_url = _start_authenticating_broker(service_url, data_dir, stop, stack)
 
-        worker_thread = _start_ingest(config, database_url, mqtt_url, stop)
+        worker_thread = _start_ingest(config, service_url, mqtt_url, stop)
         stack.callback(worker_thread.join, 30)
-        _start_scheduler(config, database_url, stack)
-        _start_api(config, database_url, mqtt_url, stack)
+        _start_scheduler(config, service_url, stack)
+        _start_api(config, service_url, mqtt_url, stack)
 
         runtime = data_dir / RUNTIME_FILE
         _write_runtime(
-            runtime, {"database_url": database_url, "mqtt_url": mqtt_url, "pid": str(os.getpid())}
+            runtime,
+            {
+                # The owner's, for `devmeter migrate` run here; every other command uses the
+                # service role's.
+                "database_url": database_url,
+                "service_database_url": service_url,
+                "mqtt_url": mqtt_url,
+                "pid": str(os.getpid()),
+            },
         )
         stack.callback(runtime.unlink, missing_ok=True)
         _say(f"ready; other devmeter commands run here use these servers ({runtime})")
@@ -133,8 +163,6 @@ def _with_admin_token(config: Settings) -> Settings:
         return config
     import secrets
 
-    from pydantic import SecretStr
-
     token = "dmo_" + secrets.token_urlsafe(24)
     _say(f"no DEVMETER_ADMIN_TOKEN: operator token for this run (shown once): {token}")
     return config.model_copy(update={"admin_token": SecretStr(token)})
@@ -191,7 +219,7 @@ def run_api(config: Settings) -> None:
 
     def start(stack: ExitStack, _stop: threading.Event) -> Callable[[], bool]:
         mqtt_url = config.mqtt_url or config.runtime.get("mqtt_url")
-        _start_api(config, config.require_database_url(), mqtt_url, stack)
+        _start_api(config, config.service_database_url(), mqtt_url, stack)
         return lambda: True
 
     _serve(start)
@@ -201,7 +229,7 @@ def run_scheduler(config: Settings) -> None:
     """``devmeter scheduler``: month close (and webhooks) alone, against a configured database."""
 
     def start(stack: ExitStack, _stop: threading.Event) -> Callable[[], bool]:
-        _start_scheduler(config, config.require_database_url(), stack)
+        _start_scheduler(config, config.service_database_url(), stack)
         return lambda: True
 
     _serve(start)
@@ -259,7 +287,7 @@ def run_ingest(config: Settings) -> None:
     """``devmeter ingest``: the worker alone, against configured servers."""
 
     def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
-        database_url, mqtt_url = config.require_database_url(), config.require_mqtt_url()
+        database_url, mqtt_url = config.service_database_url(), config.require_mqtt_url()
         thread = _start_ingest(config, database_url, mqtt_url, stop)
         # The worker stops when `stop` is set; it commits and acks what it holds first.
         stack.callback(thread.join)
@@ -276,6 +304,31 @@ def _install_signals(stop: threading.Event) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
+
+
+#: In the data dir of `devmeter up` with the embedded PostgreSQL, beside its data.
+SERVICE_PASSWORD_FILE = "service.password"  # noqa: S105 - a file name, not a password
+
+
+def _embedded_service_password(data_dir: Path) -> SecretStr:
+    """The service role's password for the embedded server: read, or made once and kept."""
+    import secrets
+
+    path = data_dir / SERVICE_PASSWORD_FILE
+    if not path.exists():
+        # Written whole under another name, then linked into place: two `up`s starting at once
+        # in one folder both end up reading the one that was linked first.
+        tmp = path.with_name(f"{SERVICE_PASSWORD_FILE}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return SecretStr(path.read_text(encoding="utf-8").strip())
 
 
 def _write_runtime(path: Path, values: dict[str, str]) -> None:

@@ -14,9 +14,14 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from devmeter.config import SERVICE_ROLE
 from tests.servers import Server, mqtt_server, postgres_server
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: The service role's password in every test database. Roles belong to the whole cluster,
+#: which every xdist worker shares: one role, one password, set by each template migration.
+SERVICE_PASSWORD = "devmeter-test-service-role"
 
 
 def _worker() -> str:
@@ -50,7 +55,7 @@ def template_db(pg_server: Server) -> Iterator[str]:
     with _admin(pg_server.url) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    migrate(make_conninfo(pg_server.url, dbname=name))
+    migrate(make_conninfo(pg_server.url, dbname=name), service_password=SERVICE_PASSWORD)
     yield name
     with _admin(pg_server.url) as conn:
         conn.execute(
@@ -62,8 +67,9 @@ _counter = itertools.count()
 
 
 @pytest.fixture
-def database_url(pg_server: Server, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test, dropped afterwards."""
+def owner_database_url(pg_server: Server, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test, dropped afterwards; the superuser's URL, for
+    a test that reaches behind the service (tampering, DDL, its own triggers)."""
     name = f"devmeter_test_{_worker()}_{os.getpid()}_{next(_counter)}"
     with _admin(pg_server.url) as conn:
         conn.execute(
@@ -76,6 +82,15 @@ def database_url(pg_server: Server, template_db: str) -> Iterator[str]:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@pytest.fixture
+def database_url(owner_database_url: str) -> str:
+    """The same database as the service logs in to it: as the service role, which owns nothing
+    and holds only devmeter/service_role.sql's grants. What app code gets in tests."""
+    from devmeter.db import service_url
+
+    return service_url(owner_database_url, SERVICE_ROLE, SERVICE_PASSWORD)
 
 
 @pytest.fixture
@@ -132,8 +147,17 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def cli(cli_env: dict[str, str], database_url: str, tmp_path: Path) -> Cli:
-    return Cli({**cli_env, "DEVMETER_DATABASE_URL": database_url}, tmp_path)
+def cli(cli_env: dict[str, str], owner_database_url: str, tmp_path: Path) -> Cli:
+    # The owner's URL, as an operator gives `devmeter up` a superuser URL: every command but
+    # `migrate` derives the service role's from it (devmeter/config.py).
+    return Cli(
+        {
+            **cli_env,
+            "DEVMETER_DATABASE_URL": owner_database_url,
+            "DEVMETER_SERVICE_PASSWORD": SERVICE_PASSWORD,
+        },
+        tmp_path,
+    )
 
 
 def seed_fleet(

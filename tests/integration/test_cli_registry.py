@@ -286,15 +286,21 @@ def test_refusals_are_one_line_exit_2_and_change_nothing(
     assert _snapshot(database_url) == before
 
 
-def test_no_command_deletes_a_device(cli: Cli, database_url: str) -> None:
+def test_no_command_deletes_a_device(cli: Cli, database_url: str, owner_database_url: str) -> None:
     help_text = cli("devices", "--help").stdout
     assert "delete" not in help_text.lower().replace("never deleted", "")
     _create_acme(cli)
     assert (
         cli("devices", "register", "--account", "acme", "--class", "lte-m", "--id", "d1").code == 0
     )
+    # The service role may not delete at all; the trigger refuses even the owner.
     with (
         psycopg.connect(database_url) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("DELETE FROM devices WHERE id = 'd1'")
+    with (
+        psycopg.connect(owner_database_url) as conn,
         pytest.raises(psycopg.errors.RestrictViolation, match="never deleted"),
     ):
         conn.execute("DELETE FROM devices WHERE id = 'd1'")

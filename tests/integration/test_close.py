@@ -160,17 +160,24 @@ def test_closing_twice_or_concurrently_gives_one_statement(
 
 
 def test_a_final_statement_never_changes(
-    database_url: str, opener: Callable[[], psycopg.Connection[Any]]
+    database_url: str, owner_database_url: str, opener: Callable[[], psycopg.Connection[Any]]
 ) -> None:
     worked_example(database_url)
     close_month(opener, CATALOG, "2026-10", now=NOW)
+    # The service role holds no such privilege (tests/integration/test_service_role.py); the
+    # triggers refuse it to the owner too.
     for sql in (
         "UPDATE statements SET subtotal = 1",
         "DELETE FROM statement_lines",
         "UPDATE statement_peaks SET peak = 1",
         "TRUNCATE statements CASCADE",
+        "TRUNCATE statement_lines",
+        "TRUNCATE statement_peaks",
     ):
-        with opener() as conn, pytest.raises(psycopg.errors.RestrictViolation):
+        with (
+            psycopg.connect(owner_database_url) as conn,
+            pytest.raises(psycopg.errors.RestrictViolation),
+        ):
             conn.execute(sql)
     # A late event for October is stored but does not touch the final statement (C2).
     with opener() as conn, conn.transaction():
@@ -245,13 +252,13 @@ def test_one_failing_account_does_not_stop_the_others(
 
 
 def test_an_account_the_database_refuses_fails_alone(
-    database_url: str, opener: Callable[[], psycopg.Connection[Any]]
+    database_url: str, owner_database_url: str, opener: Callable[[], psycopg.Connection[Any]]
 ) -> None:
     """Statements are inserted in batches; a batch the database refuses is retried one account
     at a time, so only the refused account fails, and it is recorded for the retry."""
     for ref in ("aaa", "bbb", "ccc"):
         worked_example(database_url, ref)
-    with opener() as conn:
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
         conn.execute(
             """
             CREATE FUNCTION refuse_bbb() RETURNS trigger LANGUAGE plpgsql AS $$

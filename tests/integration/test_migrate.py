@@ -5,12 +5,17 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from devmeter.db import service_url
 from devmeter.migrate import available_migrations, migrate
 from tests.conftest import REPO
+from tests.servers import Server
 
 
 def _tables(url: str) -> set[str]:
@@ -115,3 +120,103 @@ def test_plain_partitions_take_rows_from_the_default_partition(empty_database_ur
         assert conn.execute("SELECT count(*) FROM heartbeats_default").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM heartbeats_p203105").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM heartbeats").fetchone() == (1,)
+
+
+def _role_attributes(url: str, role: str) -> tuple[object, ...] | None:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolinherit, "
+            "rolreplication, rolbypassrls FROM pg_roles WHERE rolname = %s",
+            (role,),
+        ).fetchone()
+
+
+def _drop_role(role: str, *urls: str) -> None:
+    # A role with privileges in a database cannot be dropped: take them back in each first.
+    for url in urls:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+    with psycopg.connect(urls[0], autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_migrate_creates_the_service_role_and_it_can_log_in(empty_database_url: str) -> None:
+    role = f"dm_svc_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        migrate(empty_database_url, service_role=role, service_password="pw-one-0123456789")
+        assert _role_attributes(empty_database_url, role) == (
+            True, False, False, False, False, False, False,
+        )  # fmt: skip
+        # Again, with a new password: the role is kept, the password changed.
+        migrate(empty_database_url, service_role=role, service_password="pw-two-0123456789")
+        url = service_url(empty_database_url, role, "pw-two-0123456789")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT session_user::text").fetchone() == (role,)
+            # A table a later migration adds is granted by the next migrate, with no UPDATE.
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE later_evidence (x int)")
+        migrate(empty_database_url, service_role=role)
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT has_table_privilege('later_evidence', 'SELECT'),"
+                " has_table_privilege('later_evidence', 'INSERT'),"
+                " has_table_privilege('later_evidence', 'UPDATE, DELETE, TRUNCATE')"
+            ).fetchone()
+        assert row == (True, True, False)
+    finally:
+        _drop_role(role, empty_database_url)
+
+
+def test_two_databases_migrate_one_new_role_at_once(pg_server: Server) -> None:
+    """Roles belong to the cluster: two migrations of two databases may both create it."""
+    role = f"dm_svc_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    names = [f"dm_role_race_{os.getpid()}_{i}" for i in range(2)]
+    urls = [make_conninfo(pg_server.url, dbname=n) for n in names]
+    with psycopg.connect(pg_server.url, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            results = list(
+                pool.map(
+                    lambda u: migrate(u, service_role=role, service_password="pw-0123456789ab"),
+                    urls,
+                )
+            )
+        assert len(results) == 2
+        assert _role_attributes(urls[0], role) is not None
+    finally:
+        _drop_role(role, *urls)
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:
+            for name in names:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+
+
+def test_migrate_refuses_a_service_role_that_could_rewrite_evidence(
+    empty_database_url: str,
+) -> None:
+    from devmeter.errors import ConfigError
+
+    me = conninfo_to_dict(empty_database_url).get("user") or "postgres"
+    with pytest.raises(ConfigError, match="must run as the schema's owner"):
+        migrate(empty_database_url, service_role=str(me))
+    role = f"dm_svc_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("GRANT pg_write_all_data TO {}").format(sql.Identifier(role)))
+        with pytest.raises(ConfigError, match="is a member of"):
+            migrate(empty_database_url, service_role=role)
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("REVOKE pg_write_all_data FROM {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("ALTER ROLE {} CREATEROLE").format(sql.Identifier(role)))
+        with pytest.raises(ConfigError, match="superuser or may create"):
+            migrate(empty_database_url, service_role=role)
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE {} NOCREATEROLE").format(sql.Identifier(role)))
+        # An existing, harmless role is used as it is.
+        migrate(empty_database_url, service_role=role)
+    finally:
+        _drop_role(role, empty_database_url)

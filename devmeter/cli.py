@@ -326,7 +326,6 @@ def devices_rotate_key(device_id: str, account_ref: str | None) -> None:
         {
             **_device_json(rotated.device),
             "key": rotated.key,
-            "key_issued_at": rotated.device.key_issued_at,
             "mqtt": _mqtt_connection(config, rotated),
         }
     )

@@ -26,7 +26,9 @@ REVOKE INSERT ON devmeter_meta, devmeter_schema_migrations FROM {role};
 -- webhook_deliveries: status, attempts, next_attempt_at (the delivery's own bookkeeping; every
 --   attempt itself is appended to webhook_attempts).
 -- close_failures: a failed close counts its attempts and is removed once the month closes.
-GRANT UPDATE ON accounts, devices, api_keys, webhook_deliveries, close_failures TO {role};
+-- device_credentials: a device's broker hash, replaced when its key is rotated.
+GRANT UPDATE ON accounts, devices, device_credentials, api_keys, webhook_deliveries,
+    close_failures TO {role};
 GRANT DELETE ON close_failures TO {role};
 
 -- Identity columns and device_state_events.id draw from sequences.

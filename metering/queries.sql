@@ -26,7 +26,7 @@ FROM accounts WHERE id = %(id)s;
 
 -- name: select_device_for_update
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s AND d.id = %(id)s
 FOR UPDATE OF d;
@@ -41,10 +41,9 @@ LIMIT 2;
 
 -- name: insert_device
 INSERT INTO devices (id, account_id, device_class, name, gateway_id, key_prefix, key_hash,
-                     broker_hash, key_issued_at, registered_at, state, state_at)
+                     registered_at, state, state_at)
 VALUES (%(id)s, %(account_id)s, %(device_class)s, %(name)s, %(gateway_id)s, %(key_prefix)s,
-        %(key_hash)s, %(broker_hash)s, %(registered_at)s, %(registered_at)s, 'active',
-        %(registered_at)s)
+        %(key_hash)s, %(registered_at)s, 'active', %(registered_at)s)
 ON CONFLICT (account_id, id) DO NOTHING
 RETURNING id;
 
@@ -59,14 +58,19 @@ UPDATE devices SET state = %(state)s, state_at = %(time)s
 WHERE account_id = %(account_id)s AND id = %(device_id)s AND state_at <= %(time)s;
 
 -- name: update_device_key
-UPDATE devices
-SET key_prefix = %(key_prefix)s, key_hash = %(key_hash)s, broker_hash = %(broker_hash)s,
-    key_issued_at = %(at)s
+UPDATE devices SET key_prefix = %(key_prefix)s, key_hash = %(key_hash)s
 WHERE account_id = %(account_id)s AND id = %(id)s;
+
+-- name: upsert_device_credential
+-- The key as the broker checks it; a trigger wakes the broker sync when this commits.
+INSERT INTO device_credentials (account_id, device_id, broker_hash, key_issued_at)
+VALUES (%(account_id)s, %(id)s, %(broker_hash)s, %(at)s)
+ON CONFLICT (account_id, device_id)
+DO UPDATE SET broker_hash = EXCLUDED.broker_hash, key_issued_at = EXCLUDED.key_issued_at;
 
 -- name: select_devices_of_account
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s
 ORDER BY d.id;
@@ -79,7 +83,7 @@ ORDER BY time, id;
 
 -- name: search_devices
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s
   AND (%(state)s::text IS NULL OR d.state = %(state)s)
@@ -92,6 +96,6 @@ LIMIT %(limit)s;
 
 -- name: select_device
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.id = %(id)s AND d.account_id = %(account_id)s;

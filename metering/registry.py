@@ -58,7 +58,6 @@ class Device:
     name: str | None
     gateway_id: str | None
     key_prefix: str
-    key_issued_at: datetime | None
     registered_at: datetime
     state: State
     state_at: datetime
@@ -236,7 +235,6 @@ def register_device(
             "gateway_id": gateway_id,
             "key_prefix": key.prefix,
             "key_hash": key.digest,
-            "broker_hash": broker_hash(key.plaintext),
             "registered_at": at,
         },
     ).fetchone()
@@ -245,6 +243,7 @@ def register_device(
         raise ConflictError(
             f"device {device_id!r} already exists in account {account.ref!r}", field="id"
         )
+    _store_credential(conn, account.id, device_id, key.plaintext, at)
     _insert_event(conn, device_id, account.id, device_class, "active", at, source)
     device = _lock_device(conn, device_id, account.id, field="id")
     return RegisteredDevice(device, key.plaintext)
@@ -268,10 +267,9 @@ def rotate_device_key(
             "id": device.id,
             "key_prefix": key.prefix,
             "key_hash": key.digest,
-            "broker_hash": broker_hash(key.plaintext),
-            "at": at,
         },
     )
+    _store_credential(conn, device.account_id, device.id, key.plaintext, at)
     return RegisteredDevice(
         _lock_device(conn, device.id, device.account_id, field="device"), key.plaintext
     )
@@ -415,6 +413,13 @@ def _insert_event(
     }
     conn.execute(Q["insert_state_event"], params)
     conn.execute(Q["update_device_state"], params)
+
+
+def _store_credential(conn: Conn, account_id: int, device_id: str, key: str, at: datetime) -> None:
+    conn.execute(
+        Q["upsert_device_credential"],
+        {"account_id": account_id, "id": device_id, "broker_hash": broker_hash(key), "at": at},
+    )
 
 
 def _refuse_nul(**values: str | None) -> None:

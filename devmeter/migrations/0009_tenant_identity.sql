@@ -17,13 +17,21 @@ DROP INDEX devices_gateway;
 CREATE INDEX devices_gateway ON devices (account_id, gateway_id) WHERE gateway_id IS NOT NULL;
 
 -- The device key in the form Mosquitto's password_file reads (`$7$<iterations>$<salt>$<hash>`,
--- PBKDF2-SHA512): the broker can check a key with it, nobody can connect with it. NULL for
--- devices registered before keys were checked: they connect after `devices rotate-key`.
-ALTER TABLE devices ADD COLUMN broker_hash text
-    CHECK (broker_hash ~ '^\$7\$[0-9]+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$');
--- When the key last changed (registration or rotation), shown to people as "key issued".
-ALTER TABLE devices ADD COLUMN key_issued_at timestamptz;
-UPDATE devices SET key_issued_at = registered_at;
+-- PBKDF2-SHA512): the broker can check a key with it, nobody can connect with it. A table of
+-- its own, not columns of `devices`: ingest updates every devices row it hears from, and a
+-- wider row leaves less room on its page for those updates to stay HOT (measured: 96 % HOT
+-- became 36 % with the hash in the row). Devices registered before keys were checked have no
+-- row: they connect after `devices rotate-key`.
+CREATE TABLE device_credentials (
+    account_id     bigint NOT NULL,
+    device_id      text NOT NULL,
+    broker_hash    text NOT NULL
+        CHECK (broker_hash ~ '^\$7\$[0-9]+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$'),
+    -- When the key last changed (registration or rotation).
+    key_issued_at  timestamptz NOT NULL,
+    PRIMARY KEY (account_id, device_id),
+    FOREIGN KEY (account_id, device_id) REFERENCES devices (account_id, id)
+);
 
 -- Redelivered heartbeats are recognised per account now that ids repeat across accounts.
 DROP INDEX heartbeats_dedup;
@@ -44,12 +52,13 @@ CREATE INDEX rejected_heartbeats_account ON rejected_heartbeats (account_id, rec
 -- can query it directly (docs/protocol.md).
 CREATE VIEW mqtt_device_credentials AS
 SELECT a.ref || '/' || d.id AS username,
-       d.broker_hash AS password_hash,
+       c.broker_hash AS password_hash,
        a.ref AS account_ref,
        d.id AS device_id,
        d.device_class = 'gateway' AS is_gateway
-FROM devices d JOIN accounts a ON a.id = d.account_id
-WHERE d.broker_hash IS NOT NULL;
+FROM device_credentials c
+JOIN devices d ON d.account_id = c.account_id AND d.id = c.device_id
+JOIN accounts a ON a.id = d.account_id;
 
 -- Wakes the broker sync when credentials change. Per statement, so that a bulk import
 -- sends one notification, not one per device (and NOTIFY folds repeats in a transaction).
@@ -60,8 +69,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
-CREATE TRIGGER devices_credentials_changed
-    AFTER INSERT OR UPDATE OF broker_hash ON devices
+CREATE TRIGGER device_credentials_changed
+    AFTER INSERT OR UPDATE OR DELETE ON device_credentials
     FOR EACH STATEMENT EXECUTE FUNCTION devmeter_notify_credentials();
 
 -- Heartbeats per device and hour, now per account and device.

@@ -498,11 +498,15 @@ def test_a_device_of_another_account_is_no_gateway(
         pytest.param(
             ["time,device_id,state,source,extra"],
             1,
-            "header must be time,device_id,state[,source], got 'time,device_id,state,source,extra'",
+            "header must be time,device_id,state[,source][,account], "
+            "got 'time,device_id,state,source,extra'",
             id="unknown-column",
         ),
         pytest.param(
-            ["device_id,time,state"], 1, "header must be time,device_id,state[,source]", id="order"
+            ["device_id,time,state"],
+            1,
+            "header must be time,device_id,state[,source][,account]",
+            id="order",
         ),
         pytest.param(
             [EVENTS_HEADER, f"2026-10-02T00:00:00{JST},old1,inactive,api,extra"],

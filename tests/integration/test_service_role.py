@@ -26,7 +26,14 @@ EVIDENCE = (
     "rejected_heartbeats",
 )
 #: Current state the service legitimately moves (devmeter/service_role.sql says who and why).
-UPDATABLE = {"accounts", "devices", "api_keys", "webhook_deliveries", "close_failures"}
+UPDATABLE = {
+    "accounts",
+    "devices",
+    "device_credentials",
+    "api_keys",
+    "webhook_deliveries",
+    "close_failures",
+}
 DELETABLE = {"close_failures"}
 
 

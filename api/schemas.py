@@ -53,8 +53,17 @@ class DeviceOut(BaseModel):
     key_prefix: str = Field(description="the first characters of the device key")
 
 
+class MqttConnectionOut(BaseModel):
+    url: str | None = Field(description="the broker; null when devmeter knows none")
+    username: str = Field(description="the device's MQTT username: `<account>/<device id>`")
+    password: str = Field(description="the device key (shown this once)")
+    client_id: str = Field(description="the client id to connect with (the username)")
+    topic: str = Field(description="the one topic this device may publish its heartbeats on")
+
+
 class DeviceCreated(DeviceOut):
     key: str = Field(description="the device key, shown this once: store it on the device")
+    mqtt: MqttConnectionOut = Field(description="everything the device needs to connect")
 
 
 class DevicePage(BaseModel):

@@ -252,7 +252,7 @@ class FleetSpec:
 
     def fleet(self) -> Fleet:
         gateway_ids, sims = fleet_ids(PREFIX, self.devices, self.gateways, self.gateway_share)
-        return Fleet(tuple(sims), tuple(gateway_ids))
+        return Fleet(tuple(sims), tuple(gateway_ids), ACCOUNT)
 
     def heartbeats_per_message(self) -> float:
         """Over whole rounds of the fleet: each direct device speaks once, each gateway once

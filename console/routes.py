@@ -36,7 +36,9 @@ from console.views import (
     short_day,
     usage_chart,
 )
+from devmeter.config import Settings
 from devmeter.errors import DevmeterError, InvalidError
+from ingest.protocol import connection, mosquitto_pub_command
 from metering.access import Principal, authenticate
 from metering.catalog import Catalog, Plan
 from metering.daily import daily_usage, load_events
@@ -44,6 +46,8 @@ from metering.peak import month_bounds
 from metering.pricing import class_amount, format_money, price_class
 from metering.registry import (
     DEVICE_ID,
+    GATEWAY_CLASS,
+    RegisteredDevice,
     device_events,
     get_device,
     heartbeat_hours,
@@ -82,7 +86,7 @@ class _AppState(Protocol):
     """The part of api.deps.AppState the console uses (the console does not import api)."""
 
     @property
-    def config(self) -> object: ...
+    def config(self) -> Settings: ...
     @property
     def catalog(self) -> Catalog: ...
     @property
@@ -481,7 +485,22 @@ def register(
         title="Device registered",
         device=created.device,
         device_key=created.key,
+        **_connect_instructions(request, created),
     )
+
+
+def _connect_instructions(request: Request, registered: RegisteredDevice) -> dict[str, object]:
+    """The device's MQTT settings and a ready `mosquitto_pub` line (shown with the key only)."""
+    device = registered.device
+    mqtt = connection(
+        _app_state(request).config.device_mqtt_url(),
+        device.account_ref,
+        device.id,
+        registered.key,
+        is_gateway=device.device_class == GATEWAY_CLASS,
+    )
+    command = mosquitto_pub_command(mqtt) if mqtt["url"] else None
+    return {"mqtt": mqtt, "mosquitto_pub": command}
 
 
 @router.get("/devices/{device_id}")

@@ -252,28 +252,84 @@ def devices_register(
             "account": device.account_ref,
             "class": device.device_class,
             "gateway": device.gateway_id,
+            "mqtt": _mqtt_connection(config, registered),
         }
     )
 
 
+def _mqtt_connection(config: Settings, registered: Any) -> dict[str, object]:
+    """How the device connects (shown once, with its key): docs/protocol.md."""
+    from ingest.protocol import connection
+    from metering.registry import GATEWAY_CLASS
+
+    device = registered.device
+    return dict(
+        connection(
+            config.device_mqtt_url(),
+            device.account_ref,
+            device.id,
+            registered.key,
+            is_gateway=device.device_class == GATEWAY_CLASS,
+        )
+    )
+
+
+_DEVICE_ACCOUNT = click.option(
+    "--account",
+    "account_ref",
+    help="Account ref of the device; needed when another account has a device of that id.",
+)
+
+
 @devices.command("set-state")
 @click.option("--device", "device_id", required=True, help="Device id.")
+@_DEVICE_ACCOUNT
 @click.option("--state", required=True, type=click.Choice(["active", "inactive"]))
 @reports_errors
-def devices_set_state(device_id: str, state: str) -> None:
+def devices_set_state(device_id: str, account_ref: str | None, state: str) -> None:
     """Set a device Active or Inactive from now (records a state event)."""
-    from metering.registry import set_device_state
+    from metering.registry import resolve_device_account, set_device_state
 
     config = settings()
     with transaction(config) as conn:
         device = set_device_state(
             conn,
             device_id=device_id,
+            account_id=resolve_device_account(conn, device_id, account_ref),
             state="active" if state == "active" else "inactive",
             at=_now(),
             source="cli",
         )
     emit(_device_json(device))
+
+
+@devices.command("rotate-key")
+@click.option("--device", "device_id", required=True, help="Device id.")
+@_DEVICE_ACCOUNT
+@reports_errors
+def devices_rotate_key(device_id: str, account_ref: str | None) -> None:
+    """Issue a new device key (shown only this once); the old key stops working at once.
+
+    The broker refuses the old key within about a second, and closes a connection made with it.
+    """
+    from metering.registry import resolve_device_account, rotate_device_key
+
+    config = settings()
+    with transaction(config) as conn:
+        rotated = rotate_device_key(
+            conn,
+            device_id=device_id,
+            account_id=resolve_device_account(conn, device_id, account_ref),
+            at=_now(),
+        )
+    emit(
+        {
+            **_device_json(rotated.device),
+            "key": rotated.key,
+            "key_issued_at": rotated.device.key_issued_at,
+            "mqtt": _mqtt_connection(config, rotated),
+        }
+    )
 
 
 @devices.command("list")
@@ -291,14 +347,17 @@ def devices_list(account_ref: str) -> None:
 
 @devices.command("events")
 @click.option("--device", "device_id", required=True, help="Device id.")
+@_DEVICE_ACCOUNT
 @reports_errors
-def devices_events(device_id: str) -> None:
+def devices_events(device_id: str, account_ref: str | None) -> None:
     """Show a device's state timeline."""
-    from metering.registry import device_events
+    from metering.registry import device_events, resolve_device_account
 
     config = settings()
     with transaction(config) as conn:
-        events = device_events(conn, device_id)
+        events = device_events(
+            conn, device_id, resolve_device_account(conn, device_id, account_ref)
+        )
     emit({"device": device_id, "events": events})
 
 

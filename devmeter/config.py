@@ -7,6 +7,7 @@ import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -21,6 +22,16 @@ RUNTIME_FILE = "runtime.json"
 
 #: The database role the service logs in as unless DEVMETER_SERVICE_ROLE names another.
 SERVICE_ROLE = "devmeter_service"
+
+
+def public_url(broker_url: str) -> str:
+    """``broker_url`` as a device may be shown it: no credentials, no devmeter-only options."""
+    parts = urlsplit(broker_url)
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, "", "", ""))
 
 
 def validate_timezone(name: str) -> str:
@@ -45,6 +56,11 @@ class Settings(BaseSettings):
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://host:port of the broker; unset: `devmeter up` runs an embedded one",
+    )
+    mqtt_public_url: str | None = Field(
+        default=None,
+        description="the broker address given to devices at registration (e.g. "
+        "mqtts://mqtt.example.com:8883); unset: DEVMETER_MQTT_URL without its credentials",
     )
     catalog: Path | None = Field(
         default=None, description="plan catalog and tax table (TOML); unset: the shipped default"
@@ -173,6 +189,13 @@ class Settings(BaseSettings):
                 "(start one, or point DEVMETER_DATABASE_URL at PostgreSQL)"
             )
         return url
+
+    def device_mqtt_url(self) -> str | None:
+        """The broker address devices are told to connect to (registration, rotation)."""
+        if self.mqtt_public_url:
+            return self.mqtt_public_url
+        url = self.mqtt_url or self.runtime.get("mqtt_url")
+        return public_url(url) if url else None
 
     def _names_service_role(self, url: str) -> bool:
         from devmeter.db import url_user

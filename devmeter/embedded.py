@@ -647,6 +647,15 @@ class EmbeddedBroker:
     protocol: Literal["5", "3.1.1"]
     _stop: Callable[[], None] = field(repr=False, compare=False)
     _stopped: bool = field(default=False, repr=False, compare=False)
+    _reload: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    #: Unix user whose files the broker reads (it drops root for it), or None.
+    user: str | None = None
+
+    def reload(self) -> None:
+        """Make the broker re-read its password and ACL files (Mosquitto: SIGHUP)."""
+        if self._reload is None:
+            raise EmbeddedServerError(f"{self.kind} cannot reload its credentials")
+        self._reload()
 
     def stop(self) -> None:
         """Stop the broker and wait for it to be gone. Idempotent."""
@@ -658,23 +667,40 @@ class EmbeddedBroker:
 
 
 def start_broker(
-    data_dir: Path, *, prefer: Literal["auto", "mosquitto", "amqtt"] = "auto"
+    data_dir: Path,
+    *,
+    prefer: Literal["auto", "mosquitto", "amqtt"] = "auto",
+    auth_dir: Path | None = None,
 ) -> EmbeddedBroker:
     """Start an MQTT broker on a free port of 127.0.0.1.
 
     Mosquitto (MQTT 5, persistent sessions under ``data_dir``) when it is installed, else
     amqtt in a background thread (MQTT 3.1.1, in memory only). ``prefer`` forces one.
+
+    With ``auth_dir`` the broker admits only the identities of the password file there and
+    enforces its ACL file (ingest/broker_auth.py writes both, before this is called); that
+    needs Mosquitto. Without it the broker is anonymous, for tests that need no devices' keys.
     """
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     mosquitto = _find_mosquitto() if prefer != "amqtt" else None
-    if prefer == "mosquitto" and mosquitto is None:
-        raise EmbeddedServerError("mosquitto is not installed (looked on PATH and in /usr/sbin)")
+    if (prefer == "mosquitto" or auth_dir is not None) and mosquitto is None:
+        raise EmbeddedServerError(
+            "mosquitto is not installed (looked on PATH and in /usr/sbin); devmeter's broker "
+            "authentication needs it: apt-get install mosquitto"
+        )
 
     broker: EmbeddedBroker
     if mosquitto is not None:
-        port, stop = _start_mosquitto(mosquitto, data_dir)
-        broker = EmbeddedBroker(f"mqtt://127.0.0.1:{port}", "mosquitto", "5", _stop=stop)
+        port, stop, reload = _start_mosquitto(mosquitto, data_dir, auth_dir)
+        broker = EmbeddedBroker(
+            f"mqtt://127.0.0.1:{port}",
+            "mosquitto",
+            "5",
+            _stop=stop,
+            _reload=reload,
+            user=mosquitto_user() if os.geteuid() == 0 else None,
+        )
     else:
         port, stop = _start_amqtt()
         broker = EmbeddedBroker(f"mqtt://127.0.0.1:{port}", "amqtt", "3.1.1", _stop=stop)
@@ -698,14 +724,16 @@ def _port_accepts(port: int) -> bool:
         return False
 
 
-def _mosquitto_config(data_dir: Path, port: int) -> str:
+def _mosquitto_config(data_dir: Path, port: int, auth_dir: Path | None = None) -> str:
+    from ingest.broker_auth import mosquitto_auth_lines
+
     persistence = data_dir / _MOSQUITTO_DATA
     lines = [
         "# Written by devmeter.embedded for a local broker; rewritten on every start.",
         f"listener {port} 127.0.0.1",
-        # Loopback only and for development/tests; deploy/mosquitto/mosquitto.conf is the
-        # production configuration.
-        "allow_anonymous true",
+        # Devices' keys and topic rights (ingest/broker_auth.py), as in production; anonymous
+        # only for tests that ask for it (loopback only).
+        *(mosquitto_auth_lines(auth_dir) if auth_dir is not None else ["allow_anonymous true"]),
         "persistence true",
         f"persistence_location {persistence}/",
         # A persistent session (clean_session=false) queues while its subscriber, e.g.
@@ -721,28 +749,34 @@ def _mosquitto_config(data_dir: Path, port: int) -> str:
     ]
     if os.geteuid() == 0:
         # Named explicitly so that the persistence directory can be given to it.
-        lines.append(f"user {_mosquitto_user()}")
+        lines.append(f"user {mosquitto_user()}")
     return "\n".join(lines) + "\n"
 
 
-def _mosquitto_user() -> str:
+def mosquitto_user() -> str:
+    """The user Mosquitto runs as when started by root: it must read the broker's files."""
     return "mosquitto" if _user_exists("mosquitto") else "nobody"  # mosquitto's own fallback
 
 
-def _start_mosquitto(mosquitto: Path, data_dir: Path) -> tuple[int, Callable[[], None]]:
+def _start_mosquitto(
+    mosquitto: Path, data_dir: Path, auth_dir: Path | None
+) -> tuple[int, Callable[[], None], Callable[[], None]]:
     persistence = data_dir / _MOSQUITTO_DATA
     persistence.mkdir(exist_ok=True)
     if os.geteuid() == 0:
         # Mosquitto drops root for this user, which then writes mosquitto.db.
-        _chown_to(persistence, _mosquitto_user())
+        _chown_to(persistence, mosquitto_user())
         _allow_traversal(persistence)
+        if auth_dir is not None:
+            # ... and reads the password and ACL files there, at start and on every reload.
+            _allow_traversal(auth_dir)
     config = data_dir / _MOSQUITTO_CONF
     log_path = data_dir / _MOSQUITTO_LOG
 
     log_tail = ""
     for _ in range(_PORT_ATTEMPTS):
         port = free_port()
-        config.write_text(_mosquitto_config(data_dir, port), encoding="utf-8")
+        config.write_text(_mosquitto_config(data_dir, port, auth_dir), encoding="utf-8")
         with log_path.open("ab") as log:
             log_offset = log.tell()
             # Through a supervisor that stops mosquitto when our end of its stdin closes:
@@ -767,7 +801,7 @@ def _start_mosquitto(mosquitto: Path, data_dir: Path) -> tuple[int, Callable[[],
             # from under us accepts them too, while our mosquitto exits on "Address already
             # in use". Mosquitto logs "running" only once all its listeners are open.
             if _MOSQUITTO_RUNNING.search(_read_from(log_path, log_offset)) and _port_accepts(port):
-                return port, _mosquitto_stopper(proc, persistence)
+                return port, _mosquitto_stopper(proc, persistence), _hangup(proc, auth_dir)
             time.sleep(_POLL_INTERVAL)
         _supervisor_stopper(proc)()
         log_tail = _read_from(log_path, log_offset)
@@ -783,6 +817,18 @@ def _read_from(path: Path, offset: int) -> str:
     with path.open(encoding="utf-8", errors="replace") as f:
         f.seek(offset)
         return f.read()
+
+
+def _hangup(proc: subprocess.Popen[bytes], auth_dir: Path | None) -> Callable[[], None]:
+    def reload() -> None:
+        # The supervisor passes SIGHUP on to mosquitto, which re-reads its password and ACL
+        # files and disconnects clients whose password no longer matches.
+        if auth_dir is not None and os.geteuid() == 0:
+            _allow_traversal(auth_dir)  # see there: a pytest session may have reset it
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGHUP)
+
+    return reload
 
 
 def _mosquitto_stopper(proc: subprocess.Popen[bytes], persistence: Path) -> Callable[[], None]:
@@ -832,6 +878,7 @@ def _supervise(argv: list[str]) -> int:
         child.kill()
 
     threading.Thread(target=stop_child_when_parent_goes, daemon=True).start()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: child.send_signal(signal.SIGHUP))
     return child.wait()
 
 

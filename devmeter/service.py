@@ -58,21 +58,6 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
                 # reach its port); the service role's is made once and kept with the data.
                 update["service_password"] = _embedded_service_password(data_dir)
             config = config.model_copy(update=update)
-        mqtt_url = config.mqtt_url
-        if mqtt_url is None:
-            from devmeter.embedded import start_broker
-
-            broker = start_broker(data_dir / "broker")
-            stack.callback(broker.stop)
-            mqtt_url = broker.url if broker.protocol == "5" else f"{broker.url}?protocol=3.1.1"
-            if broker.kind == "amqtt":
-                # The pure-Python broker has no shared subscriptions; one worker needs none.
-                config = config.model_copy(update={"ingest_share_group": ""})
-            _say(
-                f"no DEVMETER_MQTT_URL: started embedded {broker.kind} broker at {broker.url} "
-                f"(MQTT {broker.protocol})"
-            )
-
         if config.database_url_names_service_role:
             # The owner migrates (compose: the `migrate` service); the service role cannot.
             _say(
@@ -96,6 +81,10 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         service_url = config.service_database_url()
         _say(f"the service logs in as the database role {config.service_role!r}")
 
+        mqtt_url = config.mqtt_url
+        if mqtt_url is None:
+            mqtt_url = _start_authenticating_broker(service_url, data_dir, stop, stack)
+
         worker_thread = _start_ingest(config, service_url, mqtt_url, stop)
         stack.callback(worker_thread.join, 30)
         _start_scheduler(config, service_url, stack)
@@ -118,6 +107,40 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         _say("press Ctrl-C to stop")
         stop.wait()
     _say("stopped")
+
+
+def _start_authenticating_broker(
+    database_url: str, data_dir: Path, stop: threading.Event, stack: ExitStack
+) -> str:
+    """The embedded Mosquitto with devices' keys and topic rights, as in production: devices
+    connect with their own key, and devmeter's ingest with a password made for this run."""
+    import secrets
+
+    from devmeter.embedded import EmbeddedBroker, mosquitto_user, start_broker
+    from ingest.broker_auth import INGEST_USERNAME, CredentialSync
+
+    password = secrets.token_urlsafe(24)
+    started: list[EmbeddedBroker] = []
+    sync = CredentialSync(
+        database_url,
+        data_dir / "broker-auth",
+        reload=lambda: started[0].reload() if started else None,
+        ingest_password=password,
+        owner=mosquitto_user() if os.geteuid() == 0 else None,
+    )
+    sync.write()
+    broker = start_broker(data_dir / "broker", prefer="mosquitto", auth_dir=sync.directory)
+    started.append(broker)
+    stack.callback(broker.stop)
+    thread = threading.Thread(target=sync.run, args=(stop,), name="broker-credentials", daemon=True)
+    thread.start()
+    stack.callback(thread.join, 10)
+    _say(
+        f"no DEVMETER_MQTT_URL: started embedded mosquitto at {broker.url} (MQTT 5; devices "
+        "authenticate with their keys, docs/protocol.md)"
+    )
+    host_port = broker.url.removeprefix("mqtt://")
+    return f"mqtt://{INGEST_USERNAME}:{password}@{host_port}"
 
 
 def _start_scheduler(config: Settings, database_url: str, stack: ExitStack) -> None:

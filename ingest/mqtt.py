@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -50,8 +50,9 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
         parts.hostname,
         parts.port or 1883,
         mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311,
-        parts.username,
-        parts.password,
+        # A device's username holds a '/', written %2F in a URL.
+        unquote(parts.username) if parts.username is not None else None,
+        unquote(parts.password) if parts.password is not None else None,
     )
 
 

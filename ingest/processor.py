@@ -15,14 +15,17 @@ from typing import Literal
 
 import msgspec
 
+from ingest.protocol import TOPIC_ROOT, TOPIC_VERSION
+from ingest.protocol import device_topic as device_topic
+from ingest.protocol import gateway_topic as gateway_topic
+from ingest.protocol import parse_topic as _parse_topic
+
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_CHILDREN = 1000
 MAX_FUTURE = timedelta(minutes=5)
 #: Rejected payloads are kept in quarantine up to this size: enough to diagnose, bounded.
 QUARANTINE_PAYLOAD_BYTES = 4096
 
-TOPIC_ROOT = "devmeter"
-TOPIC_VERSION = "v1"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _MAX_SEQ = 2**63 - 1
@@ -74,6 +77,14 @@ class Rejection:
     topic: str
     payload: bytes
     received_at: datetime
+    #: The account and device the topic names, when that device is registered: the account
+    #: sees its own rejections (GET /v1/rejections), never another's.
+    account_id: int | None = None
+    device_id: str | None = None
+
+
+#: Who a topic is about: (account ref, device id). Device ids are unique per account (D1a).
+DeviceKey = tuple[str, str]
 
 
 class _Child(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,16 +116,8 @@ class _Refused(Exception):
         self.detail = detail
 
 
-def device_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{TOPIC_VERSION}/devices/{device_id}/heartbeat"
-
-
-def gateway_topic(gateway_id: str) -> str:
-    return f"{TOPIC_ROOT}/{TOPIC_VERSION}/gateways/{gateway_id}/heartbeat"
-
-
 def process(
-    topic: str, payload: bytes, received_at: datetime, directory: Mapping[str, DeviceInfo]
+    topic: str, payload: bytes, received_at: datetime, directory: Mapping[DeviceKey, DeviceInfo]
 ) -> list[Heartbeat] | Rejection:
     """Turn one MQTT message into the heartbeats it reports, or say why it is refused.
 
@@ -128,12 +131,16 @@ def process(
     except Exception as exc:  # a case this module did not foresee must not stop ingest
         log.exception("unforeseen error processing a message on %r; quarantined", topic)
         reason, detail = Reason.SCHEMA, f"unprocessable: {type(exc).__name__}: {exc}"
+    about = _parse_topic(topic)
+    info = directory.get(about[:2]) if about is not None else None
     return Rejection(
         reason,
         _storable(detail)[:_DETAIL_CHARS],
         _storable(topic),
         payload[:QUARANTINE_PAYLOAD_BYTES],
         received_at,
+        info.account_id if info is not None and about is not None else None,
+        about[1] if info is not None and about is not None else None,
     )
 
 
@@ -148,27 +155,20 @@ def _storable(text: str) -> str:
 
 
 def _process(
-    topic: str, payload: bytes, received_at: datetime, directory: Mapping[str, DeviceInfo]
+    topic: str, payload: bytes, received_at: datetime, directory: Mapping[DeviceKey, DeviceInfo]
 ) -> list[Heartbeat]:
-    parts = topic.split("/")
-    if (
-        len(parts) != 5
-        or parts[0] != TOPIC_ROOT
-        or parts[1] != TOPIC_VERSION
-        or parts[2] not in ("devices", "gateways")
-        or parts[4] != "heartbeat"
-        or not parts[3]
-    ):
+    about = _parse_topic(topic)
+    if about is None:
         raise _Refused(
             Reason.BAD_TOPIC,
-            "expected devmeter/v1/devices/{id}/heartbeat or devmeter/v1/gateways/{id}/heartbeat",
+            f"expected {TOPIC_ROOT}/{TOPIC_VERSION}/{{account}}/{{device}}/heartbeat or "
+            f"{TOPIC_ROOT}/{TOPIC_VERSION}/{{account}}/{{gateway}}/gateway",
         )
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise _Refused(
             Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes, at most {MAX_PAYLOAD_BYTES}"
         )
-    is_gateway = parts[2] == "gateways"
-    reporter_id = parts[3]
+    account_ref, reporter_id, is_gateway = about
     message = _decode(payload, is_gateway)
     if message.seq < 0 or message.seq > _MAX_SEQ:
         raise _Refused(Reason.SCHEMA, "seq must be between 0 and 2^63-1 - at `$.seq`")
@@ -180,7 +180,7 @@ def _process(
             f"({received_at.isoformat()})",
         )
 
-    reporter = _known(directory, reporter_id, time)
+    reporter = _known(directory, account_ref, reporter_id, time)
     beats = [
         Heartbeat(
             time,
@@ -211,7 +211,8 @@ def _process(
                 Reason.SCHEMA, f"device {child.id!r} listed twice - at `$.devices[{index}]`"
             )
         seen.add(child.id)
-        info = _known(directory, child.id, time)
+        # A gateway names children of its own account only: the topic's account.
+        info = _known(directory, account_ref, child.id, time)
         if info.gateway_id != reporter_id:
             raise _Refused(
                 Reason.NOT_BOUND,
@@ -264,8 +265,10 @@ def _parse_ts(ts: str | int) -> datetime:
         raise _Refused(Reason.SCHEMA, "ts is out of range - at `$.ts`") from None
 
 
-def _known(directory: Mapping[str, DeviceInfo], device_id: str, time: datetime) -> DeviceInfo:
-    info = directory.get(device_id)
+def _known(
+    directory: Mapping[DeviceKey, DeviceInfo], account_ref: str, device_id: str, time: datetime
+) -> DeviceInfo:
+    info = directory.get((account_ref, device_id))
     if info is None:
         raise _Refused(Reason.UNKNOWN_DEVICE, f"no device {device_id!r}")
     # A heartbeat dated before registration would make the device billable before it existed.

@@ -19,7 +19,8 @@ COPY heartbeat_stage (ord, time, device_id, account_id, device_class, state, seq
 FROM STDIN (FORMAT BINARY);
 
 -- name: copy_rejections
-COPY rejected_heartbeats (received_at, topic, reason, detail, payload) FROM STDIN (FORMAT BINARY);
+COPY rejected_heartbeats (received_at, topic, reason, detail, payload, account_id, device_id)
+FROM STDIN (FORMAT BINARY);
 
 -- name: apply_stage
 -- Stores the batch's new heartbeats (a redelivered one hits the unique index and is skipped),
@@ -30,32 +31,33 @@ COPY rejected_heartbeats (received_at, topic, reason, detail, payload) FROM STDI
 --     may change history;
 --   * otherwise when its state differs from the state just before it (the previous in-order
 --     heartbeat of the batch, or the device's current state for the first one).
--- Devices are locked in id order so that two workers never deadlock.
+-- Devices are locked in key order so that two workers never deadlock. A device is its
+-- account and its id (ids repeat across accounts).
 WITH locked AS (
     SELECT d.id, d.account_id, d.device_class, d.state, d.state_at
     FROM devices d
-    WHERE d.id IN (SELECT DISTINCT device_id FROM heartbeat_stage)
-    ORDER BY d.id
+    WHERE (d.account_id, d.id) IN (SELECT DISTINCT account_id, device_id FROM heartbeat_stage)
+    ORDER BY d.account_id, d.id
     FOR UPDATE
 ),
 inserted AS (
     INSERT INTO heartbeats (time, device_id, account_id, state, seq, reporter, received_at)
-    SELECT DISTINCT ON (device_id, time, reporter, seq)
+    SELECT DISTINCT ON (account_id, device_id, time, reporter, seq)
            time, device_id, account_id, state, seq, reporter, received_at
     FROM heartbeat_stage
-    ORDER BY device_id, time, reporter, seq, ord
-    ON CONFLICT (device_id, time, reporter, seq) DO NOTHING
-    RETURNING time, device_id, state, seq, reporter
+    ORDER BY account_id, device_id, time, reporter, seq, ord
+    ON CONFLICT (account_id, device_id, time, reporter, seq) DO NOTHING
+    RETURNING time, device_id, account_id, state, seq, reporter
 ),
 fresh AS (
     SELECT i.time, i.device_id, i.state, i.seq, i.reporter, l.account_id, l.device_class,
            l.state AS current_state, i.time >= l.state_at AS in_order
-    FROM inserted i JOIN locked l ON l.id = i.device_id
+    FROM inserted i JOIN locked l ON l.account_id = i.account_id AND l.id = i.device_id
 ),
 ordered AS (
     SELECT f.*,
-           lag(f.state) OVER (PARTITION BY f.device_id ORDER BY f.time, f.seq, f.reporter)
-               AS previous_state
+           lag(f.state) OVER (PARTITION BY f.account_id, f.device_id
+                              ORDER BY f.time, f.seq, f.reporter) AS previous_state
     FROM fresh f
     WHERE f.in_order
 ),
@@ -73,35 +75,39 @@ events AS (
     RETURNING device_id
 ),
 latest AS (
-    SELECT DISTINCT ON (device_id) device_id, time, state
+    SELECT DISTINCT ON (account_id, device_id) account_id, device_id, time, state
     FROM ordered
-    ORDER BY device_id, time DESC, seq DESC, reporter DESC
+    ORDER BY account_id, device_id, time DESC, seq DESC, reporter DESC
 ),
 seen AS (
-    SELECT device_id, max(time) AS last_time FROM fresh GROUP BY device_id
+    SELECT account_id, device_id, max(time) AS last_time FROM fresh GROUP BY account_id, device_id
 ),
 moved AS (
     UPDATE devices d
     SET state = coalesce(l.state, d.state),
         state_at = coalesce(l.time, d.state_at),
         last_seen_at = greatest(d.last_seen_at, s.last_time)
-    FROM seen s LEFT JOIN latest l ON l.device_id = s.device_id
-    WHERE d.id = s.device_id
+    FROM seen s
+    LEFT JOIN latest l ON l.account_id = s.account_id AND l.device_id = s.device_id
+    WHERE d.account_id = s.account_id AND d.id = s.device_id
     RETURNING d.id
 )
 SELECT (SELECT count(*) FROM inserted) AS heartbeats,
        (SELECT count(*) FROM events) AS events,
        (SELECT count(*) FROM moved) AS devices,
+       (SELECT array_agg(account_id) FROM fresh WHERE NOT in_order) AS late_accounts,
        (SELECT array_agg(device_id) FROM fresh WHERE NOT in_order) AS late_devices,
        (SELECT array_agg(time) FROM fresh WHERE NOT in_order) AS late_times,
        (SELECT array_agg(state) FROM fresh WHERE NOT in_order) AS late_states;
 
 -- name: select_directory
-SELECT id, account_id, device_class, gateway_id, registered_at FROM devices;
+SELECT a.ref, d.id, d.account_id, d.device_class, d.gateway_id, d.registered_at
+FROM devices d JOIN accounts a ON a.id = d.account_id;
 
 -- name: select_directory_since
-SELECT id, account_id, device_class, gateway_id, registered_at FROM devices
-WHERE created_at >= %(since)s;
+SELECT a.ref, d.id, d.account_id, d.device_class, d.gateway_id, d.registered_at
+FROM devices d JOIN accounts a ON a.id = d.account_id
+WHERE d.created_at >= %(since)s;
 
 -- name: insert_successor_events
 -- After late heartbeats (older than their device's latest event): the heartbeat that follows
@@ -114,19 +120,22 @@ FROM (
     -- Two late heartbeats of one device at one instant (say, from the device and from its
     -- gateway) share their successor: one row each would insert it twice, as the NOT EXISTS
     -- below does not see this statement's own inserts.
-    SELECT DISTINCT device_id, time, state
-    FROM unnest(%(device_ids)s::text[], %(times)s::timestamptz[], %(states)s::text[])
-         AS l (device_id, time, state)
+    SELECT DISTINCT account_id, device_id, time, state
+    FROM unnest(%(account_ids)s::bigint[], %(device_ids)s::text[], %(times)s::timestamptz[],
+                %(states)s::text[])
+         AS l (account_id, device_id, time, state)
 ) late
-JOIN devices d ON d.id = late.device_id
+JOIN devices d ON d.account_id = late.account_id AND d.id = late.device_id
 CROSS JOIN LATERAL (
     SELECT h.time, h.device_id, h.state, h.seq, h.reporter FROM heartbeats h
-    WHERE h.device_id = late.device_id AND h.time > late.time
+    WHERE h.account_id = late.account_id AND h.device_id = late.device_id
+      AND h.time > late.time
     ORDER BY h.time, h.seq, h.reporter
     LIMIT 1
 ) n
 WHERE n.state <> late.state
   AND NOT EXISTS (
       SELECT 1 FROM device_state_events e
-      WHERE e.device_id = n.device_id AND e.time > late.time AND e.time <= n.time
+      WHERE e.account_id = late.account_id AND e.device_id = n.device_id
+        AND e.time > late.time AND e.time <= n.time
   );

@@ -60,6 +60,8 @@ class SimDevice:
 class Fleet:
     devices: tuple[SimDevice, ...]
     gateways: tuple[str, ...]
+    #: Device ids are unique per account (D1a): topics name the account too.
+    account_ref: str
 
     def direct(self) -> list[str]:
         return [d.id for d in self.devices if d.gateway_id is None]
@@ -152,7 +154,7 @@ def ensure_fleet(
         )
         if progress is not None and (done % 500 == 0 or done == len(todo)):
             progress(done, len(todo))
-    return Fleet(tuple(sims), tuple(gateway_ids)), len(todo)
+    return Fleet(tuple(sims), tuple(gateway_ids), account_ref), len(todo)
 
 
 @dataclass(slots=True)
@@ -204,6 +206,7 @@ class Traffic:
         self._gateways = set(fleet.gateways)
         self._direct_one = next((d for d, _ in self._speakers if d not in self._gateways), None)
         self._a_gateway = fleet.gateways[0] if fleet.gateways else None
+        self._account = fleet.account_ref
         self._next = 0
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
@@ -220,12 +223,12 @@ class Traffic:
         own = self._step(speaker)
         if speaker not in self._gateways:
             self.tally.heartbeats += 1
-            return device_topic(speaker), (
+            return device_topic(self._account, speaker), (
                 f'{{"state":"{own}","ts":{ts},"seq":{self._seq[speaker]}}}'.encode()
             )
         kids = ",".join(f'{{"id":"{c}","state":"{self._step(c)}"}}' for c in children)
         self.tally.heartbeats += 1 + len(children)
-        return gateway_topic(speaker), (
+        return gateway_topic(self._account, speaker), (
             f'{{"state":"{own}","ts":{ts},"seq":{self._seq[speaker]},"devices":[{kids}]}}'
         ).encode()
 
@@ -256,22 +259,28 @@ class Traffic:
         some = self._direct_one or self._speakers[0][0]
         match kind:
             case BadKind.malformed_json:
-                return device_topic(some), b'{"state":"active","ts":'
+                return device_topic(self._account, some), b'{"state":"active","ts":'
             case BadKind.schema:
-                return device_topic(some), f'{{"state":"on","ts":{ts},"seq":1}}'.encode()
+                return device_topic(
+                    self._account, some
+                ), f'{{"state":"on","ts":{ts},"seq":1}}'.encode()
             case BadKind.unknown_device:
                 # Derived from a fleet id so that a test can tell its own ghosts apart.
                 ghost = f"{some}-ghost{self._rng.randrange(10**6)}"
-                return device_topic(ghost), f'{{"state":"active","ts":{ts},"seq":1}}'.encode()
+                return device_topic(
+                    self._account, ghost
+                ), f'{{"state":"active","ts":{ts},"seq":1}}'.encode()
             case BadKind.ts_in_future:
                 future = int((now + 3600) * 1000)
-                return device_topic(some), f'{{"state":"active","ts":{future},"seq":1}}'.encode()
+                return device_topic(
+                    self._account, some
+                ), f'{{"state":"active","ts":{future},"seq":1}}'.encode()
             case BadKind.bad_topic:
-                return f"devmeter/v1/devices/{some}/telemetry", b'{"state":"active"}'
+                return f"devmeter/v2/{self._account}/{some}/telemetry", b'{"state":"active"}'
             case BadKind.not_bound:
                 child = f'{{"id":"{some}","state":"active"}}'
                 body = f'{{"state":"active","ts":{ts},"seq":1,"devices":[{child}]}}'
-                return gateway_topic(str(self._a_gateway)), body.encode()
+                return gateway_topic(self._account, str(self._a_gateway)), body.encode()
 
 
 @dataclass(slots=True)

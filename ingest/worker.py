@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from devmeter.db import connect
 from ingest.mqtt import Inbound, Subscriber
-from ingest.processor import DeviceInfo, Heartbeat, Reason, Rejection, process
+from ingest.processor import DeviceInfo, DeviceKey, Heartbeat, Reason, Rejection, process
 from ingest.writer import load_directory, write_batch
 
 log = logging.getLogger("devmeter.ingest")
@@ -91,7 +91,7 @@ class IngestWorker:
         )
         self._clock = clock
         self._conn: psycopg.Connection[dict[str, object]] | None = None
-        self._directory: dict[str, DeviceInfo] = {}
+        self._directory: dict[DeviceKey, DeviceInfo] = {}
         self._directory_at = 0.0
 
     def run(self, stop: threading.Event) -> None:

@@ -2,8 +2,10 @@
 
 ``devices.csv``: ``device_id,account,class,registered_at[,gateway]``; every row registers a device
 Active at ``registered_at`` (D1) with a fresh key that is stored hashed and never shown: the
-operator re-issues keys when the devices move over. ``events.csv``: ``time,device_id,state
-[,source]``. Times are ISO 8601 with an offset; a naive time is refused rather than guessed.
+operator re-issues keys (``devices rotate-key``) when the devices move over. ``events.csv``:
+``time,device_id,state[,source][,account]``; device ids are unique per account only (D1a), so
+the ``account`` column is needed where an id exists in more than one account. Times are ISO
+8601 with an offset; a naive time is refused rather than guessed.
 
 Both files are validated completely, against the directory loaded once and against each other,
 before anything is written to the real tables: a bad row refuses the import with its file, line
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import time as _clock
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,9 +41,9 @@ Conn = psycopg.Connection[Any]
 Progress = Callable[[str, int, int], None]
 
 DEVICE_COLUMNS: Final = ("device_id", "account", "class", "registered_at")
-DEVICE_OPTIONAL: Final = "gateway"
+DEVICE_OPTIONAL: Final = ("gateway",)
 EVENT_COLUMNS: Final = ("time", "device_id", "state")
-EVENT_OPTIONAL: Final = "source"
+EVENT_OPTIONAL: Final = ("source", "account")
 STATES: Final = frozenset({"active", "inactive"})
 # The sources a person or system can have caused; 'timeout' is derived by devmeter (D5), so an
 # imported one would be a second, unexplained copy of a rule the plan already applies.
@@ -62,7 +65,7 @@ _STAGE_TYPES: Final = ["int8", *_EVENT_TYPES]
 
 _SELECT_ACCOUNTS: Final[LiteralString] = "SELECT id, ref, plan, status FROM accounts"
 _SELECT_DIRECTORY: Final[LiteralString] = (
-    "SELECT id, account_id, device_class, registered_at FROM devices"
+    "SELECT account_id, id, device_class, registered_at FROM devices"
 )
 _SELECT_STORAGE_MODE: Final[LiteralString] = (
     "SELECT value FROM devmeter_meta WHERE key = 'storage_mode'"
@@ -117,8 +120,9 @@ _INSERT_STAGED_EVENTS: Final[LiteralString] = """
 _UPDATE_STATES: Final[LiteralString] = """
     UPDATE devices d
     SET state = l.state, state_at = l.time
-    FROM unnest(%s::text[], %s::timestamptz[], %s::text[]) AS l (device_id, time, state)
-    WHERE d.id = l.device_id
+    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::text[])
+         AS l (account_id, device_id, time, state)
+    WHERE d.account_id = l.account_id AND d.id = l.device_id
       AND d.state_at <= l.time
       AND (d.state <> l.state OR d.state_at <> l.time)
 """
@@ -165,6 +169,22 @@ class _NewDevice:
 # What a row of events.csv needs to know about its device: (account id, class, registered_at).
 # A tuple, not a dataclass: it is read once per event, a million times.
 _Known = tuple[int, str, datetime]
+# A device is its account and its id (D1a).
+_Key = tuple[int, str]
+
+
+class _Directory:
+    """Every known device by (account id, device id), and the accounts of each id."""
+
+    __slots__ = ("by_id", "known")
+
+    def __init__(self) -> None:
+        self.known: dict[_Key, _Known] = {}
+        self.by_id: dict[str, list[int]] = {}
+
+    def add(self, account_id: int, device_id: str, known: _Known) -> None:
+        self.known[(account_id, device_id)] = known
+        self.by_id.setdefault(device_id, []).append(account_id)
 
 
 def import_history(
@@ -204,10 +224,13 @@ def import_history(
         }
         # In UTC like the parsed times: comparing datetimes of two different tzinfo objects is
         # an order of magnitude slower, and there is one comparison per event.
-        directory: dict[str, _Known] = {
-            str(id_): (int(account_id), str(cls), registered_at.astimezone(UTC))
-            for id_, account_id, cls, registered_at in cur.execute(_SELECT_DIRECTORY)
-        }
+        directory = _Directory()
+        for account_id, id_, cls, registered_at in cur.execute(_SELECT_DIRECTORY):
+            directory.add(
+                int(account_id),
+                str(id_),
+                (int(account_id), str(cls), registered_at.astimezone(UTC)),
+            )
 
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
         new_devices: list[_NewDevice] = []
@@ -219,12 +242,12 @@ def import_history(
         for device in new_devices:
             span.add(device.registered_at)
         event_count = 0
-        latest: dict[str, tuple[datetime, str]] = {}
+        latest: dict[_Key, tuple[datetime, str]] = {}
         if events is not None:
             cur.execute(_DROP_STAGE)
             cur.execute(_CREATE_STAGE)
             event_count = _stage_events(
-                cur, events, directory, latest_allowed, span, latest, report
+                cur, events, directory, accounts, latest_allowed, span, latest, report
             )
 
         if span.first is not None and span.last is not None and _is_plain(cur):
@@ -236,12 +259,12 @@ def import_history(
         if events is not None:
             _insert_staged_events(cur)
         if latest:
-            ids = list(latest)
-            times = [latest[d][0] for d in ids]
-            states = [latest[d][1] for d in ids]
-            cur.execute(_UPDATE_STATES, (ids, times, states))
+            keys = list(latest)
+            times = [latest[k][0] for k in keys]
+            states = [latest[k][1] for k in keys]
+            cur.execute(_UPDATE_STATES, ([k[0] for k in keys], [k[1] for k in keys], times, states))
 
-    touched_accounts = {directory[d][0] for d in latest}
+    touched_accounts = {k[0] for k in latest}
     touched_accounts.update(d.account_id for d in new_devices)
     return ImportResult(
         devices=len(new_devices),
@@ -284,6 +307,7 @@ class _Csv:
         self.field = field
         self.report = report
         self.line = 1
+        self.columns: dict[str, int] = {}
 
     def error(self, reason: str, line: int | None = None) -> ImportRowError:
         return ImportRowError(
@@ -291,8 +315,14 @@ class _Csv:
         )
 
     @contextmanager
-    def rows(self, required: tuple[str, ...], optional: str) -> Iterator[Iterator[list[str]]]:
-        """Check the header, then yield the data rows, each with exactly the header's width."""
+    def rows(
+        self, required: tuple[str, ...], optional: tuple[str, ...]
+    ) -> Iterator[Iterator[list[str]]]:
+        """Check the header, then yield the data rows, each with exactly the header's width.
+
+        The header is the required columns, then any of the optional ones in their order;
+        ``self.columns`` maps each column present to its position.
+        """
         try:
             raw = self.path.open("rb")
         except OSError as exc:
@@ -308,19 +338,25 @@ class _Csv:
         raw: io.BufferedReader,
         text: io.TextIOWrapper,
         required: tuple[str, ...],
-        optional: str,
+        optional: tuple[str, ...],
     ) -> Iterator[list[str]]:
         total = self.path.stat().st_size
         # The text layer reads ahead in chunks, so the byte position is a few KiB early: plenty
         # for a progress bar, and it costs nothing per row.
         reader = csv.reader(text, strict=True)
-        shown = "[,".join([",".join(required), optional]) + "]"
+        shown = ",".join(required) + "".join(f"[,{name}]" for name in optional)
         try:
             header = next(reader, None)
             if header is None:
                 raise self.error(f"empty file: expected the header {shown}")
-            if header not in (list(required), [*required, optional]):
+            extra = header[len(required) :]
+            if (
+                header[: len(required)] != list(required)
+                or len(set(extra)) != len(extra)
+                or extra != [name for name in optional if name in extra]
+            ):
                 raise self.error(f"header must be {shown}, got {','.join(header)!r}")
+            self.columns = {name: i for i, name in enumerate(header)}
             width = len(header)
             names = ",".join(header)
             blank_at: int | None = None
@@ -372,7 +408,7 @@ def _read_devices(
     path: Path,
     accounts: dict[str, _Account],
     catalog: Catalog,
-    directory: dict[str, _Known],
+    directory: _Directory,
     latest_allowed: datetime,
     report: Progress,
 ) -> list[_NewDevice]:
@@ -383,8 +419,8 @@ def _read_devices(
     """
     source = _Csv(path, "devices", report)
     new: list[_NewDevice] = []
-    lines: dict[str, int] = {}
-    added: dict[str, _Known] = {}
+    lines: dict[_Key, int] = {}
+    added: dict[_Key, _Known] = {}
     with source.rows(DEVICE_COLUMNS, DEVICE_OPTIONAL) as rows:
         for row in rows:
             device_id, ref, device_class, registered_text = row[0], row[1], row[2], row[3]
@@ -394,15 +430,16 @@ def _read_devices(
                     f"invalid device id {device_id!r}: letters, digits, '.', '-' and '_', "
                     "starting with a letter or digit, at most 64 characters"
                 )
-            if device_id in lines:
-                raise source.error(
-                    f"device {device_id!r} is listed twice (first on line {lines[device_id]})"
-                )
-            if device_id in directory:
-                raise source.error(f"device {device_id!r} already exists")
             account = accounts.get(ref)
             if account is None:
                 raise source.error(f"unknown account {ref!r}")
+            key = (account.id, device_id)
+            if key in lines:
+                raise source.error(
+                    f"device {device_id!r} is listed twice (first on line {lines[key]})"
+                )
+            if key in directory.known:
+                raise source.error(f"device {device_id!r} already exists")
             if account.suspended:
                 # A3, as for a registration through the console or the API.
                 raise source.error(f"account {ref!r} is suspended: devices cannot be registered")
@@ -422,9 +459,11 @@ def _read_devices(
             if isinstance(registered_at, str):
                 raise source.error(registered_at)
             if gateway_id is not None:
-                gateway = added.get(gateway_id) or directory.get(gateway_id)
+                gateway = added.get((account.id, gateway_id)) or directory.known.get(
+                    (account.id, gateway_id)
+                )
                 # Another account's device is "unknown", never "not yours" (A4).
-                if gateway is None or gateway[0] != account.id:
+                if gateway is None:
                     raise source.error(
                         f"unknown gateway {gateway_id!r}: it must exist already or be listed "
                         "on an earlier line of this file"
@@ -433,20 +472,22 @@ def _read_devices(
                     raise source.error(
                         f"gateway {gateway_id!r} is of class {gateway[1]!r}, not {GATEWAY_CLASS!r}"
                     )
-            lines[device_id] = source.line
-            added[device_id] = (account.id, device_class, registered_at)
+            lines[key] = source.line
+            added[key] = (account.id, device_class, registered_at)
             new.append(_NewDevice(device_id, account.id, device_class, registered_at, gateway_id))
-    directory.update(added)
+    for (account_id, new_id), entry in added.items():
+        directory.add(account_id, new_id, entry)
     return new
 
 
 def _stage_events(
     cur: psycopg.Cursor[Any],
     path: Path,
-    directory: dict[str, _Known],
+    directory: _Directory,
+    accounts: dict[str, _Account],
     latest_allowed: datetime,
     span: _Span,
-    latest: dict[str, tuple[datetime, str]],
+    latest: dict[_Key, tuple[datetime, str]],
     report: Progress,
 ) -> int:
     """Validate every row while copying it into the temp stage; returns the number of rows.
@@ -464,9 +505,16 @@ def _stage_events(
     with source.rows(EVENT_COLUMNS, EVENT_OPTIONAL) as rows, cur.copy(_COPY_STAGE) as copy:
         copy.set_types(_STAGE_TYPES)
         write_row = copy.write_row
-        for row in rows:
+        # The header is read with the first row: only then are the optional columns known.
+        first_row = next(rows, None)
+        source_at = source.columns.get("source")
+        account_at = source.columns.get("account")
+        known_of = directory.known.get
+        for row in itertools.chain([first_row] if first_row is not None else [], rows):
             time_text, device_id, state = row[0], row[1], row[2]
-            event_source = row[3] if len(row) > 3 and row[3] else DEFAULT_SOURCE
+            event_source = (
+                row[source_at] if source_at is not None and row[source_at] else DEFAULT_SOURCE
+            )
             # The common case inline; _parse_time explains what is wrong with the others.
             try:
                 at = fromisoformat(time_text)
@@ -479,7 +527,22 @@ def _stage_events(
                 reason = _parse_time(time_text, "time", latest_allowed)
                 assert isinstance(reason, str)
                 raise source.error(reason) from None
-            known = directory.get(device_id)
+            if account_at is not None and row[account_at]:
+                account = accounts.get(row[account_at])
+                if account is None:
+                    raise source.error(f"unknown account {row[account_at]!r}")
+                account_id = account.id
+            else:
+                owners = directory.by_id.get(device_id)
+                if not owners:
+                    raise source.error(f"unknown device {device_id!r}")
+                if len(owners) > 1:
+                    raise source.error(
+                        f"device id {device_id!r} exists in more than one account: "
+                        "add an account column"
+                    )
+                account_id = owners[0]
+            known = known_of((account_id, device_id))
             if known is None:
                 raise source.error(f"unknown device {device_id!r}")
             if state not in STATES:
@@ -493,9 +556,10 @@ def _stage_events(
                     f"({_show(known[2])}): billing counts a device from its registration (D1)"
                 )
             write_row((source.line, at, device_id, known[0], known[1], state, event_source))
-            previous = latest.get(device_id)
+            key = (account_id, device_id)
+            previous = latest.get(key)
             if previous is None or at >= previous[0]:
-                latest[device_id] = (at, state)
+                latest[key] = (at, state)
             if first is None or at < first:
                 first = at
             if last is None or at > last:

@@ -5,9 +5,10 @@ microsecond per row per sort and window pass, four passes in all; here PostgreSQ
 four fixed-width columns per event, which NumPy reads in place and sorts on integer keys.
 
 Devices travel once, as a dictionary (the ``devices`` rows of the accounts, with a 64-bit hash
-of each id); events carry that hash instead of the id. Should two devices of the accounts share
-a hash, or an event name a device the dictionary lacks, this answer would be wrong: ``peaks_many``
-then logs why and asks the SQL path instead.
+of each id seeded by its account, since ids repeat across accounts); events carry that hash
+instead of the id. Should two devices of the accounts share a hash, or an event name a device
+the dictionary lacks, this answer would be wrong: ``peaks_many`` then logs why and asks the SQL
+path instead.
 
 The same rules as ``metering.peak.compute_peaks``, held to it by tests/integration/test_peak_sql.py.
 """
@@ -49,7 +50,7 @@ _ROW: Final = np.dtype(
 )
 
 _DEVICES: Final = """
-SELECT id, account_id, device_class, hashtextextended(id, 0) AS hash
+SELECT id, account_id, device_class, hashtextextended(id, account_id) AS hash
 FROM devices WHERE account_id = ANY(%(account_ids)s::bigint[])
 ORDER BY hash
 """
@@ -58,7 +59,7 @@ ORDER BY hash
 # Public for bench/close.py, which times it alone.
 EVENTS_COPY: Final = """
 COPY (
-    SELECT hashtextextended(device_id, 0), time, id, state = 'active'
+    SELECT hashtextextended(device_id, account_id), time, id, state = 'active'
     FROM device_state_events
     WHERE account_id = ANY(%(account_ids)s::bigint[]) AND time < %(end)s::timestamptz
 ) TO STDOUT (FORMAT binary)

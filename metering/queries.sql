@@ -26,17 +26,26 @@ FROM accounts WHERE id = %(id)s;
 
 -- name: select_device_for_update
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
+FROM devices d JOIN accounts a ON a.id = d.account_id
+WHERE d.account_id = %(account_id)s AND d.id = %(id)s
+FOR UPDATE OF d;
+
+-- name: select_device_accounts
+-- The accounts that have a device with this id (operator commands given an id alone).
+SELECT d.account_id, a.ref AS account_ref
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.id = %(id)s
-FOR UPDATE OF d;
+ORDER BY a.ref
+LIMIT 2;
 
 -- name: insert_device
 INSERT INTO devices (id, account_id, device_class, name, gateway_id, key_prefix, key_hash,
-                     registered_at, state, state_at)
+                     broker_hash, key_issued_at, registered_at, state, state_at)
 VALUES (%(id)s, %(account_id)s, %(device_class)s, %(name)s, %(gateway_id)s, %(key_prefix)s,
-        %(key_hash)s, %(registered_at)s, 'active', %(registered_at)s)
-ON CONFLICT (id) DO NOTHING
+        %(key_hash)s, %(broker_hash)s, %(registered_at)s, %(registered_at)s, 'active',
+        %(registered_at)s)
+ON CONFLICT (account_id, id) DO NOTHING
 RETURNING id;
 
 -- name: insert_state_event
@@ -47,11 +56,17 @@ VALUES (%(time)s, %(device_id)s, %(account_id)s, %(device_class)s, %(state)s, %(
 -- D3: the current state follows the latest event by event time, so an older event never
 -- overwrites a newer one.
 UPDATE devices SET state = %(state)s, state_at = %(time)s
-WHERE id = %(device_id)s AND state_at <= %(time)s;
+WHERE account_id = %(account_id)s AND id = %(device_id)s AND state_at <= %(time)s;
+
+-- name: update_device_key
+UPDATE devices
+SET key_prefix = %(key_prefix)s, key_hash = %(key_hash)s, broker_hash = %(broker_hash)s,
+    key_issued_at = %(at)s
+WHERE account_id = %(account_id)s AND id = %(id)s;
 
 -- name: select_devices_of_account
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s
 ORDER BY d.id;
@@ -59,12 +74,12 @@ ORDER BY d.id;
 -- name: select_state_events_of_device
 SELECT time, state, source, seq, received_at
 FROM device_state_events
-WHERE device_id = %(device_id)s
+WHERE account_id = %(account_id)s AND device_id = %(device_id)s
 ORDER BY time, id;
 
 -- name: search_devices
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s
   AND (%(state)s::text IS NULL OR d.state = %(state)s)
@@ -77,6 +92,6 @@ LIMIT %(limit)s;
 
 -- name: select_device
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.key_issued_at, d.registered_at, d.state, d.state_at, d.last_seen_at
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.id = %(id)s AND d.account_id = %(account_id)s;

@@ -19,7 +19,7 @@ from devmeter.config import validate_timezone
 from devmeter.db import load_queries
 from devmeter.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
 from metering.catalog import Catalog
-from metering.secrets import API_KEY_PREFIX, DEVICE_KEY_PREFIX, new_secret
+from metering.secrets import API_KEY_PREFIX, DEVICE_KEY_PREFIX, broker_hash, new_secret
 
 Q = load_queries("metering")
 
@@ -58,6 +58,7 @@ class Device:
     name: str | None
     gateway_id: str | None
     key_prefix: str
+    key_issued_at: datetime | None
     registered_at: datetime
     state: State
     state_at: datetime
@@ -235,14 +236,45 @@ def register_device(
             "gateway_id": gateway_id,
             "key_prefix": key.prefix,
             "key_hash": key.digest,
+            "broker_hash": broker_hash(key.plaintext),
             "registered_at": at,
         },
     ).fetchone()
     if inserted is None:
-        raise ConflictError(f"device {device_id!r} already exists", field="id")
+        # Only this account's ids can collide (D1a): the message reveals nothing of others.
+        raise ConflictError(
+            f"device {device_id!r} already exists in account {account.ref!r}", field="id"
+        )
     _insert_event(conn, device_id, account.id, device_class, "active", at, source)
     device = _lock_device(conn, device_id, account.id, field="id")
     return RegisteredDevice(device, key.plaintext)
+
+
+def rotate_device_key(
+    conn: Conn, *, device_id: str, at: datetime, account_id: int | None = None
+) -> RegisteredDevice:
+    """Issue a new key for a device; the old one stops working (D1).
+
+    The broker sync reloads the broker's credentials on the change (a trigger notifies it), so
+    the old key is refused from then on, and a connection made with it is closed.
+    """
+    _require_aware(at)
+    device = _lock_device(conn, device_id, account_id, field="device")
+    key = new_secret(DEVICE_KEY_PREFIX)
+    conn.execute(
+        Q["update_device_key"],
+        {
+            "account_id": device.account_id,
+            "id": device.id,
+            "key_prefix": key.prefix,
+            "key_hash": key.digest,
+            "broker_hash": broker_hash(key.plaintext),
+            "at": at,
+        },
+    )
+    return RegisteredDevice(
+        _lock_device(conn, device.id, device.account_id, field="device"), key.plaintext
+    )
 
 
 def set_device_state(
@@ -342,8 +374,10 @@ def heartbeat_hours(
     get_device(conn, device_id, account_id)
     with conn.cursor(row_factory=class_row(HeartbeatHour)) as cur:
         return cur.execute(
-            "SELECT * FROM device_heartbeats_hourly(%(device_id)s, %(from)s, %(to)s)",
+            "SELECT * FROM device_heartbeats_hourly("
+            "%(account_id)s, %(device_id)s, %(from)s, %(to)s)",
             {
+                "account_id": account_id,
                 "device_id": device_id,
                 "from": since.astimezone(UTC).replace(minute=0, second=0, microsecond=0),
                 "to": until,
@@ -352,9 +386,12 @@ def heartbeat_hours(
 
 
 def device_events(conn: Conn, device_id: str, account_id: int | None = None) -> list[StateEvent]:
-    _lock_device(conn, device_id, account_id, field="device")
+    device = _lock_device(conn, device_id, account_id, field="device")
     with conn.cursor(row_factory=class_row(StateEvent)) as cur:
-        return cur.execute(Q["select_state_events_of_device"], {"device_id": device_id}).fetchall()
+        return cur.execute(
+            Q["select_state_events_of_device"],
+            {"account_id": device.account_id, "device_id": device.id},
+        ).fetchall()
 
 
 def _insert_event(
@@ -387,12 +424,38 @@ def _refuse_nul(**values: str | None) -> None:
             raise InvalidError(f"{field} must not contain NUL (U+0000)", field=field)
 
 
+def resolve_device_account(conn: Conn, device_id: str, account_ref: str | None = None) -> int:
+    """The account of device ``device_id``, for operator commands that name a device.
+
+    With ``account_ref`` the device must be in that account. Without it the id must be
+    unambiguous: ids are unique per account only (D1a), so an id that two accounts use asks
+    for the account instead of picking one.
+    """
+    if account_ref is not None:
+        return get_account(conn, account_ref).id
+    if "\x00" in device_id:
+        raise NotFoundError(f"unknown device {device_id!r}", field="device")
+    rows = conn.execute(Q["select_device_accounts"], {"id": device_id}).fetchall()
+    if not rows:
+        raise NotFoundError(f"unknown device {device_id!r}", field="device")
+    if len(rows) > 1:
+        raise InvalidError(
+            f"device id {device_id!r} exists in more than one account: name the account",
+            field="account",
+        )
+    return int(rows[0]["account_id"])
+
+
 def _lock_device(conn: Conn, device_id: str, account_id: int | None, *, field: str) -> Device:
     if "\x00" in device_id:
         raise NotFoundError(f"unknown device {device_id!r}", field=field)
+    if account_id is None:
+        account_id = resolve_device_account(conn, device_id)
     with conn.cursor(row_factory=class_row(Device)) as cur:
-        device = cur.execute(Q["select_device_for_update"], {"id": device_id}).fetchone()
-    if device is None or (account_id is not None and device.account_id != account_id):
+        device = cur.execute(
+            Q["select_device_for_update"], {"id": device_id, "account_id": account_id}
+        ).fetchone()
+    if device is None:
         raise NotFoundError(f"unknown device {device_id!r}", field=field)
     return device
 

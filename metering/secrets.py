@@ -6,7 +6,9 @@ A key is 256 bits from the OS's CSPRNG, so SHA-256 of it is as good as a slow pa
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -34,3 +36,35 @@ def digest(key: str) -> bytes:
 def new_secret(kind_prefix: str) -> NewSecret:
     plaintext = kind_prefix + secrets.token_urlsafe(32)
     return NewSecret(plaintext, plaintext[:_SHOWN], digest(plaintext))
+
+
+#: Mosquitto's own default for `$7$` password hashes (mosquitto_passwd). The key is 256 random
+#: bits, so the iteration count is not what protects it; it only has to be what the broker reads.
+BROKER_HASH_ITERATIONS = 101
+
+
+def broker_hash(key: str, *, salt: bytes | None = None) -> str:
+    """``key`` in Mosquitto's password-file form: ``$7$<iterations>$<salt>$<PBKDF2-SHA512>``.
+
+    The broker checks a device's CONNECT password against it; the string itself is no
+    credential, so it may sit in the database and in the broker's files.
+    """
+    salt = secrets.token_bytes(12) if salt is None else salt
+    if len(salt) != 12:
+        raise ValueError("Mosquitto reads 12-byte salts only")
+    dk = hashlib.pbkdf2_hmac("sha512", key.encode(), salt, BROKER_HASH_ITERATIONS, 64)
+    salt_text, hash_text = base64.b64encode(salt).decode(), base64.b64encode(dk).decode()
+    return f"$7${BROKER_HASH_ITERATIONS}${salt_text}${hash_text}"
+
+
+def broker_hash_matches(key: str, stored: str) -> bool:
+    """Whether ``key`` is the key behind ``stored`` (a ``broker_hash`` result)."""
+    try:
+        _, kind, iterations, salt_b64, hash_b64 = stored.split("$")
+        salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
+    except ValueError:
+        return False
+    if kind != "7":
+        return False
+    dk = hashlib.pbkdf2_hmac("sha512", key.encode(), salt, int(iterations), len(expected))
+    return hmac.compare_digest(dk, expected)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from api.deps import DB, State, allowed
+from api.deps import DB, AppState, State, allowed
 from api.problems import responses
 from api.schemas import (
     NO_NUL,
@@ -23,17 +23,22 @@ from api.schemas import (
     DeviceOut,
     DevicePage,
     HeartbeatHourOut,
+    MqttConnectionOut,
     StateEventOut,
 )
 from devmeter.errors import InvalidError
+from ingest.protocol import connection
 from metering.access import Principal
 from metering.registry import (
     DEVICE_ID,
+    GATEWAY_CLASS,
     Device,
+    RegisteredDevice,
     device_events,
     get_device,
     heartbeat_hours,
     register_device,
+    rotate_device_key,
     search_devices,
     set_device_state,
 )
@@ -96,11 +101,43 @@ def create_device(body: DeviceIn, caller: Writer, conn: DB, app: State) -> JSONR
             name=body.name,
             source="api",
         )
-    out = DeviceCreated(**device_out(created.device).model_dump(by_alias=True), key=created.key)
     return JSONResponse(
-        out.model_dump(mode="json", by_alias=True),
+        _with_key(created, app).model_dump(mode="json", by_alias=True),
         status_code=201,
         headers={"Location": f"/v1/devices/{created.device.id}", "Cache-Control": "no-store"},
+    )
+
+
+def _with_key(registered: RegisteredDevice, app: AppState) -> DeviceCreated:
+    device = registered.device
+    mqtt = connection(
+        app.config.device_mqtt_url(),
+        device.account_ref,
+        device.id,
+        registered.key,
+        is_gateway=device.device_class == GATEWAY_CLASS,
+    )
+    return DeviceCreated(
+        **device_out(device).model_dump(by_alias=True),
+        key=registered.key,
+        mqtt=MqttConnectionOut.model_validate(mqtt),
+    )
+
+
+@router.post(
+    "/{device_id}/rotate-key",
+    response_model=DeviceCreated,
+    responses=responses(401, 403, 404, 422),
+    summary="Issue a new device key; the old one is refused from now on",
+)
+def rotate_key(device_id: DeviceId, caller: Writer, conn: DB, app: State) -> JSONResponse:
+    with conn.transaction():
+        rotated = rotate_device_key(
+            conn, device_id=device_id, account_id=caller.account_id, at=datetime.now(UTC)
+        )
+    return JSONResponse(
+        _with_key(rotated, app).model_dump(mode="json", by_alias=True),
+        headers={"Cache-Control": "no-store"},
     )
 
 

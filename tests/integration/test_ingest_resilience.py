@@ -97,7 +97,7 @@ class Stream(threading.Thread):
                     )
                     infos.append(
                         publisher.client.publish(
-                            device_topic(f"s{self.uid}-{i % DEVICES}"), payload, qos=1
+                            device_topic("acme", f"s{self.uid}-{i % DEVICES}"), payload, qos=1
                         )
                     )
                 for info in infos:
@@ -212,7 +212,7 @@ def test_database_cut_off_mid_stream_recovers_by_itself(
         nudge = Publisher(mqtt_url)
         try:
             nudge.client.publish(
-                device_topic(f"nobody-{uid}"),
+                device_topic("acme", f"nobody-{uid}"),
                 orjson.dumps({"state": "active", "ts": BASE.isoformat(), "seq": 0}),
                 qos=1,
             ).wait_for_publish(30)

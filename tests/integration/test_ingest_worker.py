@@ -39,6 +39,8 @@ class Publisher:
             client_id=f"test-pub-{uuid.uuid4().hex[:8]}",
             protocol=address.protocol,
         )
+        if address.username is not None:
+            self.client.username_pw_set(address.username, address.password)
         self.client.connect(address.host, address.port)
         self.client.loop_start()
 
@@ -114,9 +116,11 @@ def now_ts(offset_s: float = 0) -> str:
 def test_device_and_gateway_heartbeats_land(
     database_url: str, devices: dict[str, str], publisher: Publisher
 ) -> None:
-    publisher.publish(device_topic(devices["d"]), {"state": "inactive", "ts": now_ts(), "seq": 1})
     publisher.publish(
-        gateway_topic(devices["g"]),
+        device_topic("acme", devices["d"]), {"state": "inactive", "ts": now_ts(), "seq": 1}
+    )
+    publisher.publish(
+        gateway_topic("acme", devices["g"]),
         {
             "state": "active",
             "ts": now_ts(),
@@ -154,29 +158,29 @@ def test_every_rejection_reason_is_quarantined(
     d, g = devices["d"], devices["g"]
     ok = {"state": "active", "ts": now_ts(), "seq": 1}
     cases: list[tuple[Reason, str, bytes | dict[str, object]]] = [
-        (Reason.BAD_TOPIC, f"devmeter/v1/devices/{d}/status", ok),
-        (Reason.PAYLOAD_TOO_LARGE, device_topic(d), b"{" + b" " * 70_000 + b"}"),
-        (Reason.MALFORMED_JSON, device_topic(d), b"{nope"),
-        (Reason.SCHEMA, device_topic(d), {"state": "active", "ts": now_ts()}),
+        (Reason.BAD_TOPIC, f"devmeter/v2/acme/{d}/status", ok),
+        (Reason.PAYLOAD_TOO_LARGE, device_topic("acme", d), b"{" + b" " * 70_000 + b"}"),
+        (Reason.MALFORMED_JSON, device_topic("acme", d), b"{nope"),
+        (Reason.SCHEMA, device_topic("acme", d), {"state": "active", "ts": now_ts()}),
         (
             Reason.TOO_MANY_CHILDREN,
-            gateway_topic(g),
+            gateway_topic("acme", g),
             {
                 **ok,
                 "devices": [{"id": f"z{i}", "state": "active"} for i in range(MAX_CHILDREN + 1)],
             },
         ),
-        (Reason.UNKNOWN_DEVICE, device_topic(f"ghost-{uid}"), ok),
+        (Reason.UNKNOWN_DEVICE, device_topic("acme", f"ghost-{uid}"), ok),
         (
             Reason.NOT_BOUND,
-            gateway_topic(g),
+            gateway_topic("acme", g),
             {**ok, "devices": [{"id": devices["x"], "state": "active"}]},
         ),
-        (Reason.NOT_A_GATEWAY, gateway_topic(d), ok),
-        (Reason.TS_IN_FUTURE, device_topic(d), {**ok, "ts": now_ts(3600)}),
+        (Reason.NOT_A_GATEWAY, gateway_topic("acme", d), ok),
+        (Reason.TS_IN_FUTURE, device_topic("acme", d), {**ok, "ts": now_ts(3600)}),
         (
             Reason.BEFORE_REGISTRATION,
-            device_topic(d),
+            device_topic("acme", d),
             {**ok, "ts": (REGISTERED - timedelta(days=1)).isoformat()},
         ),
     ]
@@ -211,9 +215,9 @@ def test_redelivered_message_is_stored_once(
     database_url: str, devices: dict[str, str], worker: IngestWorker, publisher: Publisher
 ) -> None:
     message = {"state": "active", "ts": now_ts(), "seq": 42}
-    publisher.publish(device_topic(devices["d"]), message)
-    publisher.publish(device_topic(devices["d"]), message)
-    publisher.publish(device_topic(devices["d"]), {**message, "seq": 43})
+    publisher.publish(device_topic("acme", devices["d"]), message)
+    publisher.publish(device_topic("acme", devices["d"]), message)
+    publisher.publish(device_topic("acme", devices["d"]), {**message, "seq": 43})
     poll(lambda: worker.metrics.total_messages >= 3, what="3 messages")
     poll(
         lambda: (

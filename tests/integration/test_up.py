@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import re
 import signal
 import subprocess
@@ -10,15 +11,32 @@ import sys
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from psycopg.conninfo import conninfo_to_dict
 
 from ingest.processor import device_topic
 from tests.conftest import Cli
 from tests.integration.test_cli_registry import _create_acme
 from tests.integration.test_ingest_worker import Publisher, poll
+
+
+def _anonymous_admitted(url: str) -> bool:
+    host, port = url.removeprefix("mqtt://").split(":")
+    answers: queue.Queue[bool] = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda _c, _u, _f, rc, _p: answers.put(not rc.is_failure)
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        return answers.get(timeout=10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def test_up_runs_embedded_servers_and_serves_other_commands(
@@ -47,7 +65,7 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
         text = log_path.read_text()
         assert proc.poll() is None, text
         assert "started embedded PostgreSQL" in text
-        assert "broker at mqtt://127.0.0.1:" in text
+        assert "embedded mosquitto at mqtt://127.0.0.1:" in text
         assert "storage mode plain" in text
         assert "scheduler started" in text
         token = re.search(r"operator token for this run \(shown once\): (dmo_\S+)", text)
@@ -78,10 +96,19 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
         assert service["password"] == password_file.read_text().strip()
         assert password_file.stat().st_mode & 0o077 == 0
         assert conninfo_to_dict(runtime["database_url"])["user"] == "postgres"
-        publisher = Publisher(runtime["mqtt_url"])
+
+        # Authentication is on by default: anonymous clients are refused, the device gets
+        # in with the key and identity its registration returned (shown once).
+        mqtt_info = device.json()["mqtt"]  # type: ignore[index]
+        assert mqtt_info["topic"] == device_topic("acme", "d1")
+        assert mqtt_info["password"] == device.json()["key"]  # type: ignore[index]
+        assert not _anonymous_admitted(mqtt_info["url"])
+        host_port = mqtt_info["url"].removeprefix("mqtt://")
+        user, key = quote(mqtt_info["username"], safe=""), quote(mqtt_info["password"], safe="")
+        publisher = Publisher(f"mqtt://{user}:{key}@{host_port}")
         try:
             publisher.publish(
-                device_topic("d1"),
+                device_topic("acme", "d1"),
                 {"state": "inactive", "ts": datetime.now(UTC).isoformat(), "seq": 1},
             )
         finally:

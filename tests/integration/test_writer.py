@@ -205,7 +205,7 @@ def test_rejections_are_quarantined(conn: psycopg.Connection[dict[str, object]])
     rejection = Rejection(
         Reason.SCHEMA,
         "Object missing required field `seq`",
-        device_topic("d1"),
+        device_topic("acme", "d1"),
         b'{"state":"active"}',
         T0,
     )
@@ -213,7 +213,7 @@ def test_rejections_are_quarantined(conn: psycopg.Connection[dict[str, object]])
     assert result.rejections == 1
     row = conn.execute("SELECT topic, reason, detail, payload FROM rejected_heartbeats").fetchone()
     assert row == {
-        "topic": device_topic("d1"),
+        "topic": device_topic("acme", "d1"),
         "reason": "schema",
         "detail": "Object missing required field `seq`",
         "payload": b'{"state":"active"}',
@@ -233,7 +233,7 @@ def test_hostile_payloads_are_quarantined_not_fatal(
     ]
     rejections = []
     for payload in payloads:
-        result = process(device_topic("d1"), payload, T0 + timedelta(minutes=1), directory)
+        result = process(device_topic("acme", "d1"), payload, T0 + timedelta(minutes=1), directory)
         assert isinstance(result, Rejection), payload
         rejections.append(result)
     assert write_batch(conn, [], rejections).rejections == 3
@@ -246,9 +246,9 @@ def test_hostile_payloads_are_quarantined_not_fatal(
 
 def test_directory_lists_devices_with_binding(conn: psycopg.Connection[dict[str, object]]) -> None:
     directory = load_directory(conn)
-    assert set(directory) == {"d1", "g1", "c1"}
-    assert directory["c1"].gateway_id == "g1"
-    assert directory["d1"].registered_at == T0
+    assert set(directory) == {("acme", "d1"), ("acme", "g1"), ("acme", "c1")}
+    assert directory["acme", "c1"].gateway_id == "g1"
+    assert directory["acme", "d1"].registered_at == T0
 
 
 def test_devices_heard_from_in_every_batch_are_updated_in_place(database_url: str) -> None:

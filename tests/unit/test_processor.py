@@ -21,12 +21,12 @@ from ingest.processor import (
 RECEIVED = datetime(2026, 10, 10, 3, 0, tzinfo=UTC)
 REGISTERED = datetime(2026, 9, 30, 1, 0, tzinfo=UTC)
 DIRECTORY = {
-    "d1": DeviceInfo(7, "lte-m", None, REGISTERED),
-    "g1": DeviceInfo(7, "gateway", None, REGISTERED),
-    "c1": DeviceInfo(7, "wifi", "g1", REGISTERED),
-    "c2": DeviceInfo(7, "wifi", "g1", REGISTERED),
-    "c9": DeviceInfo(7, "wifi", "g9", REGISTERED),
-    "late": DeviceInfo(7, "lte-m", None, RECEIVED),
+    ("acme", "d1"): DeviceInfo(7, "lte-m", None, REGISTERED),
+    ("acme", "g1"): DeviceInfo(7, "gateway", None, REGISTERED),
+    ("acme", "c1"): DeviceInfo(7, "wifi", "g1", REGISTERED),
+    ("acme", "c2"): DeviceInfo(7, "wifi", "g1", REGISTERED),
+    ("acme", "c9"): DeviceInfo(7, "wifi", "g9", REGISTERED),
+    ("acme", "late"): DeviceInfo(7, "lte-m", None, RECEIVED),
 }
 
 
@@ -37,7 +37,7 @@ def _payload(**fields: object) -> bytes:
 
 
 def test_device_heartbeat() -> None:
-    assert process(device_topic("d1"), _payload(), RECEIVED, DIRECTORY) == [
+    assert process(device_topic("acme", "d1"), _payload(), RECEIVED, DIRECTORY) == [
         Heartbeat(
             datetime(2026, 10, 10, 2, 59, tzinfo=UTC), "d1", 7, "lte-m", "active", 5, "d1", RECEIVED
         )
@@ -53,7 +53,7 @@ def test_device_heartbeat() -> None:
     ],
 )
 def test_ts_forms(ts: object, expected: datetime) -> None:
-    result = process(device_topic("d1"), _payload(ts=ts), RECEIVED, DIRECTORY)
+    result = process(device_topic("acme", "d1"), _payload(ts=ts), RECEIVED, DIRECTORY)
     assert isinstance(result, list)
     assert result[0].time == expected
     assert result[0].time.tzinfo is UTC
@@ -64,7 +64,7 @@ def test_gateway_heartbeat_reports_itself_and_bound_children() -> None:
         state="inactive",
         devices=[{"id": "c1", "state": "active"}, {"id": "c2", "state": "inactive"}],
     )
-    result = process(gateway_topic("g1"), payload, RECEIVED, DIRECTORY)
+    result = process(gateway_topic("acme", "g1"), payload, RECEIVED, DIRECTORY)
     assert isinstance(result, list)
     assert [(h.device_id, h.device_class, h.state, h.reporter, h.seq) for h in result] == [
         ("g1", "gateway", "inactive", "g1", 5),
@@ -74,14 +74,16 @@ def test_gateway_heartbeat_reports_itself_and_bound_children() -> None:
 
 
 def test_gateway_without_children_reports_itself() -> None:
-    result = process(gateway_topic("g1"), _payload(), RECEIVED, DIRECTORY)
+    result = process(gateway_topic("acme", "g1"), _payload(), RECEIVED, DIRECTORY)
     assert isinstance(result, list)
     assert [h.device_id for h in result] == ["g1"]
 
 
 def test_ts_exactly_five_minutes_ahead_is_accepted() -> None:
     ts = (RECEIVED + timedelta(minutes=5)).isoformat()
-    assert isinstance(process(device_topic("d1"), _payload(ts=ts), RECEIVED, DIRECTORY), list)
+    assert isinstance(
+        process(device_topic("acme", "d1"), _payload(ts=ts), RECEIVED, DIRECTORY), list
+    )
 
 
 CHILDREN_OVER = [{"id": f"x{i}", "state": "active"} for i in range(MAX_CHILDREN + 1)]
@@ -90,62 +92,102 @@ CHILDREN_OVER = [{"id": f"x{i}", "state": "active"} for i in range(MAX_CHILDREN 
 @pytest.mark.parametrize(
     ("topic", "payload", "reason", "detail"),
     [
-        ("devmeter/v1/devices/d1/status", _payload(), Reason.BAD_TOPIC, "expected"),
-        ("devmeter/v2/devices/d1/heartbeat", _payload(), Reason.BAD_TOPIC, "expected"),
-        ("devmeter/v1/devices//heartbeat", _payload(), Reason.BAD_TOPIC, "expected"),
-        ("devmeter/v1/devices/d1/heartbeat/x", _payload(), Reason.BAD_TOPIC, "expected"),
-        (device_topic("d1"), b" " * (MAX_PAYLOAD_BYTES + 1), Reason.PAYLOAD_TOO_LARGE, "65537"),
-        (device_topic("d1"), b"{not json", Reason.MALFORMED_JSON, "malformed"),
-        (device_topic("d1"), b"", Reason.MALFORMED_JSON, "truncated"),
-        (device_topic("d1"), b"[]", Reason.SCHEMA, "Expected `object`"),
-        (device_topic("d1"), _payload(seq=...), Reason.SCHEMA, "missing required field `seq`"),
-        (device_topic("d1"), _payload(extra=1), Reason.SCHEMA, "unknown field `extra`"),
-        (device_topic("d1"), _payload(seq="5"), Reason.SCHEMA, "`$.seq`"),
-        (device_topic("d1"), _payload(seq=True), Reason.SCHEMA, "`$.seq`"),
-        (device_topic("d1"), _payload(seq=-1), Reason.SCHEMA, "`$.seq`"),
-        (device_topic("d1"), _payload(state="on"), Reason.SCHEMA, "`$.state`"),
-        (device_topic("d1"), _payload(ts=1.5), Reason.SCHEMA, "`$.ts`"),
-        (device_topic("d1"), _payload(ts="yesterday"), Reason.SCHEMA, "`$.ts`"),
-        (device_topic("d1"), _payload(ts="2026-10-10T02:59:00"), Reason.SCHEMA, "UTC offset"),
-        (device_topic("d1"), _payload(ts=10**20), Reason.SCHEMA, "`$.ts`"),
-        (device_topic("d1"), _payload(ts=0), Reason.SCHEMA, "before 2000"),
-        (device_topic("d1"), _payload(devices=[]), Reason.SCHEMA, "unknown field `devices`"),
-        # Invalid UTF-8 inside a JSON string: msgspec raises UnicodeDecodeError for it.
-        (device_topic("d1"), b'{"state":"\xff","ts":1,"seq":2}', Reason.MALFORMED_JSON, "utf"),
-        # Valid, but past year 9999 once in UTC.
-        (device_topic("d1"), _payload(ts="9999-12-31T23:59:59-01:00"), Reason.SCHEMA, "range"),
-        # A NUL in a field name, which msgspec copies into its message: stored escaped.
-        (device_topic("d1"), _payload(**{"\x00": 0}), Reason.SCHEMA, "unknown field `\\x00`"),
-        (device_topic("nope"), _payload(), Reason.UNKNOWN_DEVICE, "'nope'"),
+        ("devmeter/v2/acme/d1/status", _payload(), Reason.BAD_TOPIC, "expected"),
+        ("devmeter/v1/acme/d1/heartbeat", _payload(), Reason.BAD_TOPIC, "expected"),
+        ("devmeter/v2/acme//heartbeat", _payload(), Reason.BAD_TOPIC, "expected"),
+        ("devmeter/v2/acme/d1/heartbeat/x", _payload(), Reason.BAD_TOPIC, "expected"),
         (
-            device_topic("d1"),
+            device_topic("acme", "d1"),
+            b" " * (MAX_PAYLOAD_BYTES + 1),
+            Reason.PAYLOAD_TOO_LARGE,
+            "65537",
+        ),
+        (device_topic("acme", "d1"), b"{not json", Reason.MALFORMED_JSON, "malformed"),
+        (device_topic("acme", "d1"), b"", Reason.MALFORMED_JSON, "truncated"),
+        (device_topic("acme", "d1"), b"[]", Reason.SCHEMA, "Expected `object`"),
+        (
+            device_topic("acme", "d1"),
+            _payload(seq=...),
+            Reason.SCHEMA,
+            "missing required field `seq`",
+        ),
+        (device_topic("acme", "d1"), _payload(extra=1), Reason.SCHEMA, "unknown field `extra`"),
+        (device_topic("acme", "d1"), _payload(seq="5"), Reason.SCHEMA, "`$.seq`"),
+        (device_topic("acme", "d1"), _payload(seq=True), Reason.SCHEMA, "`$.seq`"),
+        (device_topic("acme", "d1"), _payload(seq=-1), Reason.SCHEMA, "`$.seq`"),
+        (device_topic("acme", "d1"), _payload(state="on"), Reason.SCHEMA, "`$.state`"),
+        (device_topic("acme", "d1"), _payload(ts=1.5), Reason.SCHEMA, "`$.ts`"),
+        (device_topic("acme", "d1"), _payload(ts="yesterday"), Reason.SCHEMA, "`$.ts`"),
+        (
+            device_topic("acme", "d1"),
+            _payload(ts="2026-10-10T02:59:00"),
+            Reason.SCHEMA,
+            "UTC offset",
+        ),
+        (device_topic("acme", "d1"), _payload(ts=10**20), Reason.SCHEMA, "`$.ts`"),
+        (device_topic("acme", "d1"), _payload(ts=0), Reason.SCHEMA, "before 2000"),
+        (
+            device_topic("acme", "d1"),
+            _payload(devices=[]),
+            Reason.SCHEMA,
+            "unknown field `devices`",
+        ),
+        # Invalid UTF-8 inside a JSON string: msgspec raises UnicodeDecodeError for it.
+        (
+            device_topic("acme", "d1"),
+            b'{"state":"\xff","ts":1,"seq":2}',
+            Reason.MALFORMED_JSON,
+            "utf",
+        ),
+        # Valid, but past year 9999 once in UTC.
+        (
+            device_topic("acme", "d1"),
+            _payload(ts="9999-12-31T23:59:59-01:00"),
+            Reason.SCHEMA,
+            "range",
+        ),
+        # A NUL in a field name, which msgspec copies into its message: stored escaped.
+        (
+            device_topic("acme", "d1"),
+            _payload(**{"\x00": 0}),
+            Reason.SCHEMA,
+            "unknown field `\\x00`",
+        ),
+        (device_topic("acme", "nope"), _payload(), Reason.UNKNOWN_DEVICE, "'nope'"),
+        (
+            device_topic("acme", "d1"),
             _payload(ts="2026-10-10T03:05:00.000001Z"),
             Reason.TS_IN_FUTURE,
             "more than 0:05:00",
         ),
-        (device_topic("late"), _payload(), Reason.BEFORE_REGISTRATION, "'late'"),
-        (gateway_topic("d1"), _payload(), Reason.NOT_A_GATEWAY, "not a gateway"),
-        (gateway_topic("g1"), _payload(devices=CHILDREN_OVER), Reason.TOO_MANY_CHILDREN, "1001"),
+        (device_topic("acme", "late"), _payload(), Reason.BEFORE_REGISTRATION, "'late'"),
+        (gateway_topic("acme", "d1"), _payload(), Reason.NOT_A_GATEWAY, "not a gateway"),
         (
-            gateway_topic("g1"),
+            gateway_topic("acme", "g1"),
+            _payload(devices=CHILDREN_OVER),
+            Reason.TOO_MANY_CHILDREN,
+            "1001",
+        ),
+        (
+            gateway_topic("acme", "g1"),
             _payload(devices=[{"id": "c9", "state": "active"}]),
             Reason.NOT_BOUND,
             "'c9' is not bound to gateway 'g1'",
         ),
         (
-            gateway_topic("g1"),
+            gateway_topic("acme", "g1"),
             _payload(devices=[{"id": "ghost", "state": "active"}]),
             Reason.UNKNOWN_DEVICE,
             "'ghost'",
         ),
         (
-            gateway_topic("g1"),
+            gateway_topic("acme", "g1"),
             _payload(devices=[{"id": "c1", "state": "active"}, {"id": "c1", "state": "active"}]),
             Reason.SCHEMA,
             "listed twice",
         ),
         (
-            gateway_topic("g1"),
+            gateway_topic("acme", "g1"),
             _payload(devices=[{"id": "c1"}]),
             Reason.SCHEMA,
             "missing required field `state`",
@@ -161,7 +203,7 @@ def test_rejections(topic: str, payload: bytes, reason: Reason, detail: str) -> 
 
 
 def test_quarantined_payload_is_truncated() -> None:
-    result = process(device_topic("d1"), b"x" * MAX_PAYLOAD_BYTES, RECEIVED, DIRECTORY)
+    result = process(device_topic("acme", "d1"), b"x" * MAX_PAYLOAD_BYTES, RECEIVED, DIRECTORY)
     assert isinstance(result, Rejection)
     assert len(result.payload) == QUARANTINE_PAYLOAD_BYTES
 
@@ -169,7 +211,7 @@ def test_quarantined_payload_is_truncated() -> None:
 def test_details_hold_no_nul_and_an_unforeseen_error_is_quarantined(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    nul = process(device_topic("d1"), _payload(**{"a\x00b": 0}), RECEIVED, DIRECTORY)
+    nul = process(device_topic("acme", "d1"), _payload(**{"a\x00b": 0}), RECEIVED, DIRECTORY)
     assert isinstance(nul, Rejection)
     assert "\x00" not in nul.detail
 
@@ -177,7 +219,7 @@ def test_details_hold_no_nul_and_an_unforeseen_error_is_quarantined(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr("ingest.processor._process", broken)
-    result = process(device_topic("d1"), _payload(), RECEIVED, DIRECTORY)
+    result = process(device_topic("acme", "d1"), _payload(), RECEIVED, DIRECTORY)
     assert isinstance(result, Rejection)
     assert result.reason == Reason.SCHEMA
     assert result.detail == "unprocessable: RuntimeError: a bug"

@@ -21,11 +21,16 @@ from tests.unit.test_processor import DIRECTORY, RECEIVED
 
 TOPICS = st.one_of(
     st.sampled_from(
-        [device_topic("d1"), gateway_topic("g1"), device_topic("c1"), gateway_topic("d1")]
+        [
+            device_topic("acme", "d1"),
+            gateway_topic("acme", "g1"),
+            device_topic("acme", "c1"),
+            gateway_topic("acme", "d1"),
+        ]
     ),
     st.text(max_size=80),
-    st.builds(device_topic, st.text(max_size=40)),
-    st.builds(gateway_topic, st.text(max_size=40)),
+    st.builds(device_topic, st.just("acme"), st.text(max_size=40)),
+    st.builds(gateway_topic, st.just("acme"), st.text(max_size=40)),
 )
 
 JSON = st.recursive(
@@ -78,7 +83,7 @@ def _check(result: list[Heartbeat] | Rejection, payload: bytes) -> None:
         assert heartbeat.time.tzinfo is not None
         assert heartbeat.time <= RECEIVED + timedelta(minutes=5)
         assert heartbeat.state in ("active", "inactive")
-        assert heartbeat.device_id in DIRECTORY
+        assert ("acme", heartbeat.device_id) in DIRECTORY
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
@@ -103,5 +108,5 @@ def test_near_valid_json(topic: str, body: dict[str, object]) -> None:
 
 def test_oversized_payload_is_a_rejection() -> None:
     payload = b"{" + b" " * MAX_PAYLOAD_BYTES + b"}"
-    result = process(device_topic("d1"), payload, RECEIVED, DIRECTORY)
+    result = process(device_topic("acme", "d1"), payload, RECEIVED, DIRECTORY)
     assert isinstance(result, Rejection)

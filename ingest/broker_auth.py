@@ -1,0 +1,217 @@
+"""Device credentials and topic rights at the broker (Mosquitto's password_file and acl_file).
+
+The database is the source of truth (view ``mqtt_device_credentials``, migration 0009); this
+module renders the two files Mosquitto reads, keeps them current and reloads the broker:
+
+* ``password_file``: one line per device, ``<account>/<device>:$7$...`` (the PBKDF2 hash stored
+  at registration or rotation, never the key), plus devmeter's own ingest identity.
+* ``acl_file``: one pattern gives every device write access to its own heartbeat topic and
+  nothing else; each gateway gets its gateway topic instead; the ingest identity alone reads
+  ``devmeter/#``. No device may read anything, so a subscription (``devmeter/#``,
+  ``$share/...``, ``$SYS/#``) delivers it nothing (Mosquitto 2.0's acl_file checks reads when
+  it delivers, not at SUBSCRIBE).
+
+Why files and not the dynamic-security plugin: it needs one role per device (its ACLs take no
+``%u``) and rewrites its whole JSON on every change; at 100,000 devices that is tens of MB per
+registration. Patterns keep the ACL file independent of the fleet's size, and Mosquitto looks
+up password entries in a hash table. ``CredentialSync`` rewrites the files when a registration
+or rotation commits (LISTEN/NOTIFY) and sends the broker SIGHUP: Mosquitto then re-reads both
+and disconnects clients whose password no longer matches (a rotated key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from ingest.protocol import TOPIC_ROOT, TOPIC_VERSION
+from metering.secrets import broker_hash, broker_hash_matches
+
+log = logging.getLogger("devmeter.broker")
+
+#: devmeter's own subscriber. No device username can equal it: device usernames hold a '/'.
+INGEST_USERNAME = "devmeter-ingest"
+CHANNEL = "devmeter_mqtt_credentials"
+PASSWORD_FILE = "passwd"  # noqa: S105 - a file name, not a password
+ACL_FILE = "acl"
+
+_SELECT_CREDENTIALS = (
+    "SELECT username, password_hash, is_gateway FROM mqtt_device_credentials ORDER BY username"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    username: str
+    password_hash: str
+    is_gateway: bool
+
+
+def mosquitto_auth_lines(directory: Path) -> list[str]:
+    """The lines of mosquitto.conf that turn authentication and topic rights on."""
+    return [
+        # No anonymous clients: a heartbeat without a device key would be billed.
+        "allow_anonymous false",
+        f"password_file {directory / PASSWORD_FILE}",
+        f"acl_file {directory / ACL_FILE}",
+        # The client id is the username: nobody can take over another client's session
+        # (ingest's persistent session included) by connecting under its client id.
+        "use_username_as_clientid true",
+    ]
+
+
+def render_password_file(credentials: Iterable[Credential], services: dict[str, str]) -> str:
+    """``username:hash`` lines; ``services`` maps devmeter's own usernames to their hashes."""
+    lines = [f"{name}:{hashed}" for name, hashed in sorted(services.items())]
+    lines += [f"{c.username}:{c.password_hash}" for c in credentials]
+    return "\n".join(lines) + "\n"
+
+
+def render_acl_file(credentials: Iterable[Credential], reader: str = INGEST_USERNAME) -> str:
+    prefix = f"{TOPIC_ROOT}/{TOPIC_VERSION}"
+    lines = [
+        "# Written by devmeter from its database (ingest/broker_auth.py); edits are overwritten.",
+        "# Every device publishes its own heartbeats, and nothing else.",
+        f"pattern write {prefix}/%u/heartbeat",
+        "",
+        "# devmeter's ingest is the only reader.",
+        f"user {reader}",
+        f"topic read {TOPIC_ROOT}/#",
+    ]
+    for c in credentials:
+        if c.is_gateway:
+            # Deny first: Mosquitto checks a user's own lines before the patterns.
+            lines += [
+                "",
+                f"user {c.username}",
+                f"topic deny {prefix}/{c.username}/heartbeat",
+                f"topic write {prefix}/{c.username}/gateway",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class CredentialSync:
+    """Keeps a broker's password and ACL files equal to the database, and reloads it.
+
+    ``run`` waits for NOTIFY on ``devmeter_mqtt_credentials`` (sent when a registration or key
+    rotation commits) and also resyncs every ``resync_s``, so a missed notification (database
+    restart) only delays a change. Files are replaced atomically; the broker is reloaded only
+    when their content changed. A failing database leaves the last files in place: devices
+    already known keep connecting.
+    """
+
+    database_url: str
+    directory: Path
+    reload: Callable[[], None]
+    ingest_password: str
+    ingest_username: str = INGEST_USERNAME
+    #: Unix user that must read the files (Mosquitto drops root for it).
+    owner: str | None = None
+    resync_s: float = 60.0
+    #: Several changes committed within this window are written (and reloaded) once.
+    debounce_s: float = 0.05
+    syncs: int = 0
+    reloads: int = 0
+    last_sync_s: float = 0.0
+    _digest: str = field(default="", repr=False)
+    _ingest_hash: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # One salt for the process's lifetime, so an unchanged fleet renders the same bytes.
+        self._ingest_hash = broker_hash(self.ingest_password)
+        if not broker_hash_matches(self.ingest_password, self._ingest_hash):
+            raise RuntimeError("broker hash does not verify")
+
+    @property
+    def password_file(self) -> Path:
+        return self.directory / PASSWORD_FILE
+
+    @property
+    def acl_file(self) -> Path:
+        return self.directory / ACL_FILE
+
+    def write(self, conn: psycopg.Connection[tuple[object, ...]] | None = None) -> bool:
+        """Render both files from the database; True when they changed (and were written)."""
+        started = time.perf_counter()
+        if conn is None:
+            with psycopg.connect(self.database_url) as own:
+                rows = own.execute(_SELECT_CREDENTIALS).fetchall()
+        else:
+            rows = conn.execute(_SELECT_CREDENTIALS).fetchall()
+        credentials = [Credential(str(u), str(h), bool(g)) for u, h, g in rows]
+        passwd = render_password_file(credentials, {self.ingest_username: self._ingest_hash})
+        acl = render_acl_file(credentials, self.ingest_username)
+        digest = hashlib.sha256(passwd.encode() + b"\0" + acl.encode()).hexdigest()
+        self.syncs += 1
+        self.last_sync_s = time.perf_counter() - started
+        if digest == self._digest:
+            return False
+        self._replace(self.password_file, passwd)
+        self._replace(self.acl_file, acl)
+        self._digest = digest
+        log.info(
+            "broker credentials written: %d devices (%d gateways) in %.3f s",
+            len(credentials),
+            sum(c.is_gateway for c in credentials),
+            time.perf_counter() - started,
+        )
+        return True
+
+    def sync(self, conn: psycopg.Connection[tuple[object, ...]] | None = None) -> bool:
+        """``write``, then reload the broker if anything changed."""
+        changed = self.write(conn)
+        if changed:
+            self.reload()
+            self.reloads += 1
+        return changed
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.database_url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    backoff = 0.5
+                    self.sync(conn)
+                    self._listen(conn, stop)
+            except psycopg.Error as exc:
+                log.warning("broker credential sync: %s; retrying in %.1f s", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _listen(self, conn: psycopg.Connection[tuple[object, ...]], stop: threading.Event) -> None:
+        next_resync = time.monotonic() + self.resync_s
+        while not stop.is_set():
+            # Short waits, so that `stop` is seen within a second.
+            woke = any(True for _ in conn.notifies(timeout=1.0, stop_after=1))
+            if woke:
+                # Drain what else committed meanwhile: one write for a burst.
+                stop.wait(self.debounce_s)
+                for _ in conn.notifies(timeout=0.001):
+                    pass
+            if woke or time.monotonic() >= next_resync:
+                self.sync(conn)
+                next_resync = time.monotonic() + self.resync_s
+
+    def _replace(self, path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o640)
+        if self.owner is not None and os.geteuid() == 0:
+            import pwd
+
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(self.owner)
+                os.chown(tmp, entry.pw_uid, entry.pw_gid)
+        os.replace(tmp, path)

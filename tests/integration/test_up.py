@@ -14,8 +14,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from psycopg.conninfo import conninfo_to_dict
 
 from ingest.processor import device_topic
 from tests.conftest import Cli
@@ -84,6 +86,17 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
         device = cli("devices", "register", "--account", "acme", "--class", "lte-m", "--id", "d1")
         assert device.code == 0, device.stderr
 
+        runtime = json.loads((tmp_path / "data" / "runtime.json").read_text())
+        # The service logs in as its own role, with a password made for this data dir; the
+        # embedded server's superuser URL is kept for `devmeter migrate` alone.
+        assert "the service logs in as the database role 'devmeter_service'" in text
+        service = conninfo_to_dict(runtime["service_database_url"])
+        assert service["user"] == "devmeter_service"
+        password_file = tmp_path / "data" / "service.password"
+        assert service["password"] == password_file.read_text().strip()
+        assert password_file.stat().st_mode & 0o077 == 0
+        assert conninfo_to_dict(runtime["database_url"])["user"] == "postgres"
+
         # Authentication is on by default: anonymous clients are refused, the device gets
         # in with the key and identity its registration returned (shown once).
         mqtt_info = device.json()["mqtt"]  # type: ignore[index]
@@ -116,3 +129,57 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
     assert code == 0, log_path.read_text()
     assert "stopped" in log_path.read_text()
     assert not (tmp_path / "data" / "runtime.json").exists()
+
+
+def test_up_given_a_superuser_url_runs_the_service_as_the_service_role(
+    cli: Cli, owner_database_url: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    """The superuser URL migrates; every session of the running service is the service role's."""
+    log_path = tmp_path / "up-su.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "up"],
+            env={
+                **cli.env,
+                "DEVMETER_MQTT_URL": mqtt_url,
+                "DEVMETER_INGEST_SHARE_GROUP": "",
+                "DEVMETER_INGEST_CLIENT_ID": f"up-su-test-{tmp_path.name}",
+                "DEVMETER_API_PORT": "0",
+            },
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        poll(
+            lambda: "ready" in log_path.read_text() or proc.poll() is not None,
+            120,
+            "devmeter up to be ready",
+        )
+        text = log_path.read_text()
+        assert proc.poll() is None, text
+        console = re.search(r"console at (http://127\.0\.0\.1:\d+)/console", text)
+        assert console, text
+        with urllib.request.urlopen(f"{console.group(1)}/readyz", timeout=10) as response:
+            assert json.loads(response.read())["checks"]["database"] == "ok"
+        dbname = conninfo_to_dict(owner_database_url)["dbname"]
+
+        def sessions() -> set[str]:
+            with psycopg.connect(owner_database_url) as conn:
+                rows = conn.execute(
+                    "SELECT DISTINCT usename::text FROM pg_stat_activity"
+                    " WHERE datname = %s AND application_name = 'devmeter'",
+                    (dbname,),
+                ).fetchall()
+            return {str(r[0]) for r in rows}
+
+        # The API pool and the ingest worker hold connections while up runs.
+        poll(lambda: bool(sessions()), 30, "the service's sessions")
+        assert sessions() == {"devmeter_service"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("devmeter up did not stop on SIGTERM")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from devmeter.config import RUNTIME_FILE, Settings
 from devmeter.errors import ConfigError
+from devmeter.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from devmeter.embedded import EmbeddedBroker
     from ingest.worker import IngestOptions
 
 log = logging.getLogger("devmeter.up")
@@ -50,19 +54,21 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
                 f"no DEVMETER_DATABASE_URL: started embedded PostgreSQL at {pg.url} "
                 f"(data in {pg.data_dir})"
             )
+        supervisor = Supervisor()
+        # Stops the parts it supervises (worker, then broker) before PostgreSQL stops.
+        stack.callback(supervisor.stop)
         mqtt_url = config.mqtt_url
         if mqtt_url is None:
-            from devmeter.embedded import start_broker
-
-            broker = start_broker(data_dir / "broker")
-            stack.callback(broker.stop)
+            broker = supervisor.add("embedded MQTT broker", _broker_starter(data_dir / "broker"))
             mqtt_url = broker.url if broker.protocol == "5" else f"{broker.url}?protocol=3.1.1"
             if broker.kind == "amqtt":
                 # The pure-Python broker has no shared subscriptions; one worker needs none.
                 config = config.model_copy(update={"ingest_share_group": ""})
             _say(
                 f"no DEVMETER_MQTT_URL: started embedded {broker.kind} broker at {broker.url} "
-                f"(MQTT {broker.protocol})"
+                f"(MQTT {broker.protocol}"
+                + (f", pid {broker.pid}, data in {data_dir / 'broker'}" if broker.pid else "")
+                + "); restarted on the same port if it dies"
             )
 
         from devmeter.migrate import migrate
@@ -74,8 +80,11 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         )
         _say(f"database schema at version {result.current_version}, storage mode {result.mode}")
 
-        worker_thread = _start_ingest(config, database_url, mqtt_url, stop)
-        stack.callback(worker_thread.join, 30)
+        worker_config, worker_mqtt = config, mqtt_url
+        supervisor.add(
+            "ingest worker", lambda: IngestProcess.start(worker_config, database_url, worker_mqtt)
+        )
+        supervisor.start()
         _start_scheduler(config, database_url, stack)
         _start_api(config, database_url, mqtt_url, stack)
 
@@ -88,6 +97,72 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         _say("press Ctrl-C to stop")
         stop.wait()
     _say("stopped")
+
+
+def _broker_starter(data_dir: Path) -> Callable[[], EmbeddedBroker]:
+    """Starts the embedded broker: first on a free port, then (a restart) on that same port,
+    so clients and the worker reconnect to the address they know, and over the same data
+    directory, so Mosquitto restores its sessions and queued messages."""
+    from devmeter.embedded import start_broker
+
+    port: int | None = None
+
+    def start() -> EmbeddedBroker:
+        nonlocal port
+        broker = start_broker(data_dir, port=port)
+        port = broker.port
+        if broker.pid:
+            log.info("embedded broker running on port %d, pid %d", port, broker.pid)
+        return broker
+
+    return start
+
+
+class IngestProcess:
+    """The ingest worker as a child process of `devmeter up` (``devmeter ingest``).
+
+    A process rather than a thread so that it can die alone (and be restarted alone) and be
+    killed on its own, as in production. Its stdin is a pipe from us: it stops, committing and
+    acknowledging what it holds, when we close it or when we die, however we die.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    @classmethod
+    def start(cls, config: Settings, database_url: str, mqtt_url: str) -> IngestProcess:
+        env = {
+            **os.environ,
+            "DEVMETER_DATABASE_URL": database_url,
+            "DEVMETER_MQTT_URL": mqtt_url,
+            "DEVMETER_INGEST_CLIENT_ID": config.ingest_client_id,
+            "DEVMETER_INGEST_SHARE_GROUP": config.ingest_share_group,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "ingest", "--stop-on-stdin-eof"],
+            env=env,
+            stdin=subprocess.PIPE,
+        )
+        _say(f"ingest worker started (pid {proc.pid}), MQTT client id {config.ingest_client_id!r}")
+        return cls(proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(_WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("ingest worker (pid %d) did not stop; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+
+#: What a stopping worker may take to write and acknowledge what it holds.
+_WORKER_STOP_TIMEOUT_S = 30.0
 
 
 def _start_scheduler(config: Settings, database_url: str, stack: ExitStack) -> None:
@@ -232,11 +307,18 @@ def _start_ingest(
     return thread
 
 
-def run_ingest(config: Settings) -> None:
+def run_ingest(config: Settings, *, stop_on_stdin_eof: bool = False) -> None:
     """``devmeter ingest``: the worker alone, against configured servers."""
 
     def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
         database_url, mqtt_url = config.require_database_url(), config.require_mqtt_url()
+        if stop_on_stdin_eof:
+
+            def stop_at_eof() -> None:
+                sys.stdin.buffer.read()  # returns at EOF: our parent closed it, or died
+                stop.set()
+
+            threading.Thread(target=stop_at_eof, name="stdin-eof", daemon=True).start()
         thread = _start_ingest(config, database_url, mqtt_url, stop)
         # The worker stops when `stop` is set; it commits and acks what it holds first.
         stack.callback(thread.join)

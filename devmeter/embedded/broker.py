@@ -42,6 +42,17 @@ _MOSQUITTO_LOG = "mosquitto.log"
 _MOSQUITTO_DATA = "mosquitto"
 
 _BROKER_START_TIMEOUT = 15.0
+#: Written by the supervisor process: the pid of the mosquitto it runs (tests kill it by pid).
+_MOSQUITTO_PID = "mosquitto.pid"
+
+#: Mosquitto saves its in-memory database (sessions, subscriptions, queued messages) once this
+#: many changes have accumulated (``autosave_on_changes true``). A change is a message queued
+#: for a subscriber that is offline or has its in-flight window full, a subscription, or a
+#: persistent session connecting; a message handed straight to a connected subscriber is not
+#: one (that subscriber holds it). So a SIGKILL of the broker loses at most this many queued
+#: heartbeats. Each save writes the whole database, so a smaller value costs more while a
+#: backlog is queued (docs/protocol.md, "Delivery guarantees").
+AUTOSAVE_CHANGES = 100
 
 
 @dataclass
@@ -49,8 +60,16 @@ class EmbeddedBroker:
     url: str
     kind: Literal["mosquitto", "amqtt"]
     protocol: Literal["5", "3.1.1"]
+    port: int
     _stop: Callable[[], None] = field(repr=False, compare=False)
+    _alive: Callable[[], bool] = field(repr=False, compare=False)
+    #: The broker's own process (mosquitto), None for amqtt (a thread of ours).
+    pid: int | None = None
     _stopped: bool = field(default=False, repr=False, compare=False)
+
+    def alive(self) -> bool:
+        """Whether the broker still runs; False once it died (or was stopped)."""
+        return not self._stopped and self._alive()
 
     def stop(self) -> None:
         """Stop the broker and wait for it to be gone. Idempotent."""
@@ -62,12 +81,17 @@ class EmbeddedBroker:
 
 
 def start_broker(
-    data_dir: Path, *, prefer: Literal["auto", "mosquitto", "amqtt"] = "auto"
+    data_dir: Path,
+    *,
+    prefer: Literal["auto", "mosquitto", "amqtt"] = "auto",
+    port: int | None = None,
 ) -> EmbeddedBroker:
-    """Start an MQTT broker on a free port of 127.0.0.1.
+    """Start an MQTT broker on 127.0.0.1, on ``port`` or else on a free port.
 
     Mosquitto (MQTT 5, persistent sessions under ``data_dir``) when it is installed, else
     amqtt in a background thread (MQTT 3.1.1, in memory only). ``prefer`` forces one.
+    Starting again with the same ``data_dir`` and ``port`` (a restart after the broker died)
+    gives clients the same address and Mosquitto its saved sessions and queued messages.
     """
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,11 +101,26 @@ def start_broker(
 
     broker: EmbeddedBroker
     if mosquitto is not None:
-        port, stop = _start_mosquitto(mosquitto, data_dir)
-        broker = EmbeddedBroker(f"mqtt://127.0.0.1:{port}", "mosquitto", "5", _stop=stop)
+        bound, pid, proc, stop = _start_mosquitto(mosquitto, data_dir, port)
+        broker = EmbeddedBroker(
+            f"mqtt://127.0.0.1:{bound}",
+            "mosquitto",
+            "5",
+            bound,
+            _stop=stop,
+            _alive=lambda: proc.poll() is None,
+            pid=pid,
+        )
     else:
-        port, stop = _start_amqtt()
-        broker = EmbeddedBroker(f"mqtt://127.0.0.1:{port}", "amqtt", "3.1.1", _stop=stop)
+        thread = _start_amqtt(port)
+        broker = EmbeddedBroker(
+            f"mqtt://127.0.0.1:{thread.port}",
+            "amqtt",
+            "3.1.1",
+            thread.port,
+            _stop=thread.stop,
+            _alive=thread.is_alive,
+        )
     atexit.register(broker.stop)
     return broker
 
@@ -102,7 +141,12 @@ def _port_accepts(port: int) -> bool:
         return False
 
 
-def _mosquitto_config(data_dir: Path, port: int) -> str:
+def mosquitto_config(data_dir: Path, port: int, *, autosave_changes: int = AUTOSAVE_CHANGES) -> str:
+    """The whole configuration of devmeter's own Mosquitto (``devmeter up``, the tests).
+
+    One function, so that everything the broker is told (listener, persistence, limits,
+    and later authentication) is in one place and tests run the broker ``up`` runs.
+    """
     persistence = data_dir / _MOSQUITTO_DATA
     lines = [
         "# Written by devmeter.embedded for a local broker; rewritten on every start.",
@@ -112,6 +156,10 @@ def _mosquitto_config(data_dir: Path, port: int) -> str:
         "allow_anonymous true",
         "persistence true",
         f"persistence_location {persistence}/",
+        # Save after every `autosave_changes` changes rather than every 30 minutes (the
+        # default): what a SIGKILL can lose is bounded by this count (AUTOSAVE_CHANGES).
+        "autosave_on_changes true",
+        f"autosave_interval {autosave_changes}",
         # A persistent session (clean_session=false) queues while its subscriber, e.g.
         # devmeter's ingest, is away; mosquitto's default of 1000 would drop the rest.
         "max_queued_messages 100000",
@@ -133,7 +181,10 @@ def _mosquitto_user() -> str:
     return "mosquitto" if _user_exists("mosquitto") else "nobody"  # mosquitto's own fallback
 
 
-def _start_mosquitto(mosquitto: Path, data_dir: Path) -> tuple[int, Callable[[], None]]:
+def _start_mosquitto(
+    mosquitto: Path, data_dir: Path, fixed_port: int | None
+) -> tuple[int, int, subprocess.Popen[bytes], Callable[[], None]]:
+    """Port, mosquitto's pid, the supervisor process and a stop function."""
     persistence = data_dir / _MOSQUITTO_DATA
     persistence.mkdir(exist_ok=True)
     if os.geteuid() == 0:
@@ -142,17 +193,24 @@ def _start_mosquitto(mosquitto: Path, data_dir: Path) -> tuple[int, Callable[[],
         _allow_traversal(persistence)
     config = data_dir / _MOSQUITTO_CONF
     log_path = data_dir / _MOSQUITTO_LOG
+    pid_path = data_dir / _MOSQUITTO_PID
 
     log_tail = ""
-    for _ in range(_PORT_ATTEMPTS):
-        port = free_port()
-        config.write_text(_mosquitto_config(data_dir, port), encoding="utf-8")
+    for attempt in range(_PORT_ATTEMPTS):
+        if fixed_port is not None and attempt:
+            # The same port: whatever held it (a dying broker) may let go in a moment.
+            time.sleep(0.5)
+        port = fixed_port or free_port()
+        config.write_text(mosquitto_config(data_dir, port), encoding="utf-8")
+        pid_path.unlink(missing_ok=True)
         with log_path.open("ab") as log:
             log_offset = log.tell()
             # Through a supervisor that stops mosquitto when our end of its stdin closes:
             # that happens on stop() and also when this process dies, however it dies.
             proc = subprocess.Popen(  # noqa: S603 - our interpreter, our file, our paths
-                helper_argv("broker", "_supervise", str(mosquitto), "-c", str(config)),
+                helper_argv(
+                    "broker", "_supervise", str(pid_path), str(mosquitto), "-c", str(config)
+                ),
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
@@ -162,8 +220,13 @@ def _start_mosquitto(mosquitto: Path, data_dir: Path) -> tuple[int, Callable[[],
             # The port accepting connections alone proves nothing: whoever took the port
             # from under us accepts them too, while our mosquitto exits on "Address already
             # in use". Mosquitto logs "running" only once all its listeners are open.
-            if _MOSQUITTO_RUNNING.search(_read_from(log_path, log_offset)) and _port_accepts(port):
-                return port, _mosquitto_stopper(proc, persistence)
+            if (
+                _MOSQUITTO_RUNNING.search(_read_from(log_path, log_offset))
+                and _port_accepts(port)
+                and pid_path.exists()
+            ):
+                pid = int(pid_path.read_text(encoding="utf-8"))
+                return port, pid, proc, _mosquitto_stopper(proc, persistence)
             time.sleep(_POLL_INTERVAL)
         _supervisor_stopper(proc)()
         log_tail = _read_from(log_path, log_offset)
@@ -203,8 +266,10 @@ def _supervisor_stopper(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
     return stop
 
 
-def _supervise(argv: list[str]) -> int:
+def _supervise(pid_file: str, argv: list[str]) -> int:
+    """Run mosquitto until our stdin closes; exits with it, so the owner sees it die."""
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)  # noqa: S603 - argv from start_broker
+    Path(pid_file).write_text(str(child.pid), encoding="utf-8")
 
     def stop_child_when_parent_goes() -> None:
         sys.stdin.buffer.read()  # returns at EOF: stop() closed it, or the parent died
@@ -280,16 +345,16 @@ class _AmqttThread(threading.Thread):
         self.join(timeout=_STOP_TIMEOUT)
 
 
-def _start_amqtt() -> tuple[int, Callable[[], None]]:
+def _start_amqtt(fixed_port: int | None) -> _AmqttThread:
     error: BaseException | None = None
     for _ in range(_PORT_ATTEMPTS):
-        thread = _AmqttThread(free_port())
+        thread = _AmqttThread(fixed_port or free_port())
         thread.start()
         if not thread.ready.wait(timeout=_BROKER_START_TIMEOUT):
             thread.stop()
             raise EmbeddedServerError(f"amqtt did not start within {_BROKER_START_TIMEOUT:.0f}s")
         if thread.error is None:
-            return thread.port, thread.stop
+            return thread
         thread.join()
         error = thread.error
         if not _is_address_in_use(error):
@@ -309,5 +374,6 @@ def _is_address_in_use(error: BaseException | None) -> bool:
 def _main(argv: list[str]) -> int:
     command, *args = argv
     if command == "_supervise":
-        return _supervise(args)
+        pid_file, *argv = args
+        return _supervise(pid_file, argv)
     raise SystemExit(f"unknown command {command!r}")

@@ -45,14 +45,15 @@ _BROKER_START_TIMEOUT = 15.0
 #: Written by the supervisor process: the pid of the mosquitto it runs (tests kill it by pid).
 _MOSQUITTO_PID = "mosquitto.pid"
 
-#: Mosquitto saves its in-memory database (sessions, subscriptions, queued messages) once this
-#: many changes have accumulated (``autosave_on_changes true``). A change is a message queued
-#: for a subscriber that is offline or has its in-flight window full, a subscription, or a
-#: persistent session connecting; a message handed straight to a connected subscriber is not
-#: one (that subscriber holds it). So a SIGKILL of the broker loses at most this many queued
-#: heartbeats. Each save writes the whole database, so a smaller value costs more while a
-#: backlog is queued (docs/protocol.md, "Delivery guarantees").
-AUTOSAVE_CHANGES = 100
+#: Mosquitto saves its in-memory database (sessions, subscriptions, queued messages) every this
+#: many seconds. A SIGKILL of the broker loses what changed since the last save: messages
+#: queued for a subscriber that was offline or had its in-flight window full (one handed to a
+#: connected subscriber is held by that subscriber), and a session or subscription made
+#: since. Mosquitto's default is 1800 s. Counting changes instead (autosave_on_changes)
+#: would leave a session with no queued messages unsaved indefinitely, and would rewrite the
+#: whole database every N messages while a backlog builds; one save a second costs one write
+#: of the database a second (docs/protocol.md, "Delivery guarantees").
+AUTOSAVE_INTERVAL_S = 1
 
 
 @dataclass
@@ -141,7 +142,9 @@ def _port_accepts(port: int) -> bool:
         return False
 
 
-def mosquitto_config(data_dir: Path, port: int, *, autosave_changes: int = AUTOSAVE_CHANGES) -> str:
+def mosquitto_config(
+    data_dir: Path, port: int, *, autosave_interval_s: int = AUTOSAVE_INTERVAL_S
+) -> str:
     """The whole configuration of devmeter's own Mosquitto (``devmeter up``, the tests).
 
     One function, so that everything the broker is told (listener, persistence, limits,
@@ -156,10 +159,9 @@ def mosquitto_config(data_dir: Path, port: int, *, autosave_changes: int = AUTOS
         "allow_anonymous true",
         "persistence true",
         f"persistence_location {persistence}/",
-        # Save after every `autosave_changes` changes rather than every 30 minutes (the
-        # default): what a SIGKILL can lose is bounded by this count (AUTOSAVE_CHANGES).
-        "autosave_on_changes true",
-        f"autosave_interval {autosave_changes}",
+        # Save every second rather than every 30 minutes (the default): what a SIGKILL can
+        # lose is what was queued within the last interval (AUTOSAVE_INTERVAL_S).
+        f"autosave_interval {autosave_interval_s}",
         # A persistent session (clean_session=false) queues while its subscriber, e.g.
         # devmeter's ingest, is away; mosquitto's default of 1000 would drop the rest.
         "max_queued_messages 100000",
@@ -287,7 +289,11 @@ def _supervise(pid_file: str, argv: list[str]) -> int:
         child.kill()
 
     threading.Thread(target=stop_child_when_parent_goes, daemon=True).start()
-    return child.wait()
+    code = child.wait()
+    # Straight out: a normal interpreter exit would wait on the thread still reading stdin
+    # (when mosquitto died by itself) and abort with "could not acquire lock for <stdin>".
+    sys.stdout.flush()
+    os._exit(code if code >= 0 else 128 - code)
 
 
 class _AmqttThread(threading.Thread):

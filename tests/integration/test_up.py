@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from ingest.processor import device_topic
-from tests.conftest import Cli
+from tests.conftest import Cli, seed_fleet
 from tests.integration.test_cli_registry import _create_acme
 from tests.integration.test_ingest_worker import Publisher, poll
 
@@ -91,3 +92,68 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
     assert code == 0, log_path.read_text()
     assert "stopped" in log_path.read_text()
     assert not (tmp_path / "data" / "runtime.json").exists()
+
+
+def test_up_restarts_a_killed_broker_and_a_killed_worker(
+    cli_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    import os
+    from datetime import timedelta
+
+    from tests.conftest import seed_fleet
+
+    seed_fleet(database_url, [("sup-1", "lte-m", None)], datetime.now(UTC) - timedelta(hours=1))
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "up"],
+            env={**cli_env, "DEVMETER_DATABASE_URL": database_url, "DEVMETER_API_PORT": "0"},
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        poll(lambda: "ready" in log_path.read_text() or proc.poll() is not None, 120, "ready")
+        text = log_path.read_text()
+        broker = re.search(r"broker at mqtt://127\.0\.0\.1:(\d+) \(MQTT 5, pid (\d+)", text)
+        worker = re.search(r"ingest worker started \(pid (\d+)\)", text)
+        assert broker, text
+        assert worker, text
+        port = broker.group(1)
+
+        os.kill(int(broker.group(2)), signal.SIGKILL)
+        poll(lambda: "embedded MQTT broker restarted" in log_path.read_text(), 30, "broker back")
+        assert f"running on port {port}, pid" in log_path.read_text()
+        os.kill(int(worker.group(1)), signal.SIGKILL)
+        poll(lambda: "ingest worker restarted" in log_path.read_text(), 30, "worker back")
+        poll(
+            lambda: log_path.read_text().count("(session present: True)") >= 1,
+            30,
+            "the new worker to resume its session",
+        )
+
+        publisher = Publisher(f"mqtt://127.0.0.1:{port}")
+        try:
+            publisher.publish(
+                device_topic("sup-1"),
+                {"state": "inactive", "ts": datetime.now(UTC).isoformat(), "seq": 7},
+            )
+        finally:
+            publisher.close()
+        cli = Cli({**cli_env, "DEVMETER_DATABASE_URL": database_url}, tmp_path)
+        poll(
+            lambda: (
+                cli("devices", "list", "--account", "acme").json()["devices"][0]["state"]  # type: ignore[index]
+                == "inactive"
+            ),
+            30,
+            "the heartbeat published after the restarts to be stored",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("devmeter up did not stop on SIGTERM")
+    assert code == 0, log_path.read_text()

@@ -97,10 +97,6 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
 def test_up_restarts_a_killed_broker_and_a_killed_worker(
     cli_env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
-    import os
-    from datetime import timedelta
-
-    from tests.conftest import seed_fleet
 
     seed_fleet(database_url, [("sup-1", "lte-m", None)], datetime.now(UTC) - timedelta(hours=1))
     log_path = tmp_path / "up.log"

@@ -375,17 +375,66 @@ def _device_json(device: Any) -> dict[str, object]:
     }
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--client-id", help="MQTT client id (default: DEVMETER_INGEST_CLIENT_ID).")
+# For `devmeter up`, which runs the worker as its child: stop (committing and acknowledging
+# what is held) when up's end of our stdin closes, which happens however up ends.
+@click.option("--stop-on-stdin-eof", is_flag=True, hidden=True)
+@click.pass_context
 @reports_errors
-def ingest(client_id: str | None) -> None:
-    """Run the ingest worker: MQTT heartbeats into the database, until Ctrl-C."""
+def ingest(ctx: click.Context, client_id: str | None, stop_on_stdin_eof: bool) -> None:
+    """Run the ingest worker: MQTT heartbeats into the database, until Ctrl-C.
+
+    With a subcommand (`gaps`), do that instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from devmeter.service import run_ingest
 
     config = settings()
     if client_id:
         config = config.model_copy(update={"ingest_client_id": client_id})
-    run_ingest(config)
+    run_ingest(config, stop_on_stdin_eof=stop_on_stdin_eof)
+
+
+def _parse_since(value: str) -> datetime:
+    from devmeter.errors import InvalidError
+
+    try:
+        since = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidError(
+            f"--since: {value!r} is not an ISO date or date-time", field="since"
+        ) from None
+    # A bare date or a time without an offset is read in UTC, like the default.
+    return since if since.tzinfo else since.replace(tzinfo=UTC)
+
+
+@ingest.command()
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@click.option(
+    "--since",
+    metavar="ISO",
+    help="Heartbeats from this instant on (date or date-time; no offset means UTC). "
+    "Default: the start of the current month, UTC.",
+)
+@reports_errors
+def gaps(account_ref: str, since: str | None) -> None:
+    """Devices whose message sequence (seq) skipped: heartbeats that never arrived."""
+    from ingest.gaps import find_seq_gaps, start_of_month
+
+    start = _parse_since(since) if since else start_of_month(_now())
+    config = settings()
+    with transaction(config) as conn:
+        found = find_seq_gaps(conn, account_ref, start)
+    emit(
+        {
+            "account": account_ref,
+            "since": start,
+            "missing": sum(g.missing for g in found),
+            "devices": found,
+        }
+    )
 
 
 def _month_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -89,14 +88,17 @@ class Settings(BaseSettings):
 
     # Ingest worker.
     ingest_client_id: str = Field(
-        default_factory=lambda: f"devmeter-ingest-{socket.gethostname()}",
+        # No host name in it: a worker redeployed on another host or container must pick up
+        # the same persistent session, or the old one keeps (and loses) what is queued for it.
+        default="devmeter-ingest",
         description="MQTT client id; keep it stable across restarts so the persistent session "
         "(and its unacknowledged messages) is picked up again",
     )
     ingest_share_group: str = Field(
-        default="devmeter",
-        description="shared-subscription group ($share/<group>/...) so workers split the load; "
-        "empty for a plain subscription",
+        default="",
+        description="shared-subscription group ($share/<group>/...) so that several workers "
+        "split the load; empty (default): a plain subscription, which survives a broker "
+        "restart (Mosquitto 2.0 does not restore shared ones)",
     )
     ingest_batch_size: int = Field(default=2000, ge=1, le=100_000)
     ingest_batch_age_ms: int = Field(default=200, ge=1, le=60_000)

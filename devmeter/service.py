@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,8 +21,10 @@ from pydantic import SecretStr
 
 from devmeter.config import RUNTIME_FILE, Settings
 from devmeter.errors import ConfigError
+from devmeter.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from devmeter.embedded import EmbeddedBroker
     from ingest.worker import IngestOptions
 
 log = logging.getLogger("devmeter.up")
@@ -81,12 +85,18 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         service_url = config.service_database_url()
         _say(f"the service logs in as the database role {config.service_role!r}")
 
+        supervisor = Supervisor()
+        # Stops the parts it supervises (worker, then broker) before PostgreSQL stops.
+        stack.callback(supervisor.stop)
         mqtt_url = config.mqtt_url
         if mqtt_url is None:
-            mqtt_url = _start_authenticating_broker(service_url, data_dir, stop, stack)
+            mqtt_url = _start_authenticating_broker(service_url, data_dir, stop, stack, supervisor)
 
-        worker_thread = _start_ingest(config, service_url, mqtt_url, stop)
-        stack.callback(worker_thread.join, 30)
+        worker_config, worker_mqtt = config, mqtt_url
+        supervisor.add(
+            "ingest worker", lambda: IngestProcess.start(worker_config, service_url, worker_mqtt)
+        )
+        supervisor.start()
         _start_scheduler(config, service_url, stack)
         _start_api(config, service_url, mqtt_url, stack)
 
@@ -110,37 +120,112 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
 
 
 def _start_authenticating_broker(
-    database_url: str, data_dir: Path, stop: threading.Event, stack: ExitStack
+    database_url: str,
+    data_dir: Path,
+    stop: threading.Event,
+    stack: ExitStack,
+    supervisor: Supervisor,
 ) -> str:
     """The embedded Mosquitto with devices' keys and topic rights, as in production: devices
-    connect with their own key, and devmeter's ingest with a password made for this run."""
+    connect with their own key, and devmeter's ingest with a password made for this run. The
+    supervisor restarts it (same port, same data, same credentials) if it dies."""
     import secrets
 
-    from devmeter.embedded import EmbeddedBroker, mosquitto_user, start_broker
+    from devmeter.embedded import mosquitto_user
     from ingest.broker_auth import INGEST_USERNAME, CredentialSync
 
     password = secrets.token_urlsafe(24)
-    started: list[EmbeddedBroker] = []
+    current: list[EmbeddedBroker] = []
     sync = CredentialSync(
         database_url,
         data_dir / "broker-auth",
-        reload=lambda: started[0].reload() if started else None,
+        reload=lambda: current[-1].reload() if current else None,
         ingest_password=password,
         owner=mosquitto_user() if os.geteuid() == 0 else None,
     )
     sync.write()
-    broker = start_broker(data_dir / "broker", prefer="mosquitto", auth_dir=sync.directory)
-    started.append(broker)
-    stack.callback(broker.stop)
+    broker = supervisor.add(
+        "embedded MQTT broker", _broker_starter(data_dir / "broker", sync.directory, current)
+    )
     thread = threading.Thread(target=sync.run, args=(stop,), name="broker-credentials", daemon=True)
     thread.start()
     stack.callback(thread.join, 10)
     _say(
-        f"no DEVMETER_MQTT_URL: started embedded mosquitto at {broker.url} (MQTT 5; devices "
-        "authenticate with their keys, docs/protocol.md)"
+        f"no DEVMETER_MQTT_URL: started embedded mosquitto at {broker.url} (MQTT 5, pid "
+        f"{broker.pid}, data in {data_dir / 'broker'}; devices authenticate with their keys, "
+        "docs/protocol.md); restarted on the same port if it dies"
     )
     host_port = broker.url.removeprefix("mqtt://")
     return f"mqtt://{INGEST_USERNAME}:{password}@{host_port}"
+
+
+def _broker_starter(
+    data_dir: Path, auth_dir: Path, current: list[EmbeddedBroker]
+) -> Callable[[], EmbeddedBroker]:
+    """Starts the embedded broker: first on a free port, then (a restart) on that same port,
+    so clients and the worker reconnect to the address they know, and over the same data
+    directory, so Mosquitto restores its sessions and queued messages."""
+    from devmeter.embedded import start_broker
+
+    port: int | None = None
+
+    def start() -> EmbeddedBroker:
+        nonlocal port
+        broker = start_broker(data_dir, port=port, auth_dir=auth_dir)
+        port = broker.port
+        current.append(broker)  # the credential sync reloads the broker that runs now
+        if broker.pid:
+            log.info("embedded broker running on port %d, pid %d", port, broker.pid)
+        return broker
+
+    return start
+
+
+class IngestProcess:
+    """The ingest worker as a child process of `devmeter up` (``devmeter ingest``).
+
+    A process rather than a thread so that it can die alone (and be restarted alone) and be
+    killed on its own, as in production. Its stdin is a pipe from us: it stops, committing and
+    acknowledging what it holds, when we close it or when we die, however we die.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    @classmethod
+    def start(cls, config: Settings, database_url: str, mqtt_url: str) -> IngestProcess:
+        env = {
+            **os.environ,
+            "DEVMETER_DATABASE_URL": database_url,
+            "DEVMETER_MQTT_URL": mqtt_url,
+            "DEVMETER_INGEST_CLIENT_ID": config.ingest_client_id,
+            "DEVMETER_INGEST_SHARE_GROUP": config.ingest_share_group,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "ingest", "--stop-on-stdin-eof"],
+            env=env,
+            stdin=subprocess.PIPE,
+        )
+        _say(f"ingest worker started (pid {proc.pid}), MQTT client id {config.ingest_client_id!r}")
+        return cls(proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(_WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("ingest worker (pid %d) did not stop; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+
+#: What a stopping worker may take to write and acknowledge what it holds.
+_WORKER_STOP_TIMEOUT_S = 30.0
 
 
 def _start_scheduler(config: Settings, database_url: str, stack: ExitStack) -> None:
@@ -283,11 +368,18 @@ def _start_ingest(
     return thread
 
 
-def run_ingest(config: Settings) -> None:
+def run_ingest(config: Settings, *, stop_on_stdin_eof: bool = False) -> None:
     """``devmeter ingest``: the worker alone, against configured servers."""
 
     def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
         database_url, mqtt_url = config.service_database_url(), config.require_mqtt_url()
+        if stop_on_stdin_eof:
+
+            def stop_at_eof() -> None:
+                sys.stdin.buffer.read()  # returns at EOF: our parent closed it, or died
+                stop.set()
+
+            threading.Thread(target=stop_at_eof, name="stdin-eof", daemon=True).start()
         thread = _start_ingest(config, database_url, mqtt_url, stop)
         # The worker stops when `stop` is set; it commits and acks what it holds first.
         stack.callback(thread.join)

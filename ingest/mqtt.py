@@ -3,6 +3,13 @@
 Messages are acknowledged by the worker after the batch holding them is committed (paho's
 ``manual_ack``). The session is persistent under a stable client id, so what was not
 acknowledged when a worker died is redelivered when it comes back.
+
+The subscription is a plain one by default: a broker restores it with the session after a
+restart (Mosquitto from its persistence file), so messages published while the worker
+reconnects are queued for it. A shared subscription (``$share/<group>/...``), which lets
+several workers split the load, is used only when a group is configured: Mosquitto 2.0.11
+does not restore a persistent session's shared subscriptions after a restart, so until the
+worker subscribes again what is published is delivered to nobody (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -79,9 +86,15 @@ class Subscriber:
         inbox: queue.Queue[Inbound],
     ) -> None:
         self.address = parse_mqtt_url(url)
+        self.client_id = client_id
         self.inbox = inbox
         self.generation = 0
         self.connected = threading.Event()
+        #: Held while the generation changes and while an ack is sent, so that an ack is never
+        #: sent on a newer connection than the one that delivered the message.
+        self._ack_lock = threading.Lock()
+        #: Whether the broker had our session at the last connect (MQTT's session present).
+        self.session_present = False
         #: Set once the broker has granted the subscription on the current connection.
         self.subscribed = threading.Event()
         self._topic = f"$share/{share_group}/{SUBSCRIPTION}" if share_group else SUBSCRIPTION
@@ -127,30 +140,45 @@ class Subscriber:
         After a reconnect the broker redelivers what was not acknowledged, with the packet ids
         of the old connection; skipping stale acks only costs a duplicate, which is stored once.
         """
-        if message.generation != self.generation or not self.connected.is_set():
-            return False
-        self.client.ack(message.mid, message.qos)
-        return True
+        with self._ack_lock:
+            if message.generation != self.generation or not self.connected.is_set():
+                return False
+            self.client.ack(message.mid, message.qos)
+            return True
 
     def _on_connect(
         self,
         client: mqtt.Client,
         _userdata: Any,
-        _flags: mqtt.ConnectFlags,
+        flags: mqtt.ConnectFlags,
         reason: ReasonCode,
         _properties: Properties | None,
     ) -> None:
         if reason.is_failure:
             log.error("MQTT connection refused: %s", reason)
             return
-        self.generation += 1
-        # Subscribing here means a reconnect subscribes again.
+        with self._ack_lock:
+            self.generation += 1
+            self.session_present = flags.session_present
+        if not flags.session_present and self.generation > 1:
+            # The broker forgot us (session expired, or it lost its state): whatever it had
+            # queued for this client id is gone. Worth an operator's look: `ingest gaps`.
+            log.warning(
+                "MQTT session of %r was not present on the broker: messages queued for it "
+                "while disconnected are lost (check `devmeter ingest gaps`)",
+                self.client_id,
+            )
+        # Subscribing here means a reconnect subscribes again. With the session present the
+        # subscription is still there; subscribing to the same filter again replaces it and
+        # keeps what is queued for the session.
         client.subscribe(self._topic, qos=1)
         self.connected.set()
         log.info(
-            "connected to MQTT %s:%s, subscribed to %s",
+            "connected to MQTT %s:%s as %r (session present: %s), subscribing to %s",
             self.address.host,
             self.address.port,
+            self.client_id,
+            flags.session_present,
             self._topic,
         )
 

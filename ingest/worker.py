@@ -29,7 +29,8 @@ _RETRY_MAX_S = 10.0
 @dataclass(frozen=True, slots=True)
 class IngestOptions:
     client_id: str
-    share_group: str = "devmeter"
+    #: Empty: a plain subscription, which a broker restart keeps (see ingest/mqtt.py).
+    share_group: str = ""
     batch_size: int = 2000
     batch_age_s: float = 0.2
     max_inflight: int = 20_000

@@ -368,7 +368,10 @@ def first_port_taken(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     squatter.listen()
     taken: int = squatter.getsockname()[1]
     answers = iter([taken])
-    monkeypatch.setattr(embedded, "free_port", lambda: next(answers, None) or free_port())
+    first = lambda: next(answers, None) or free_port()  # noqa: E731
+    # Each server module calls its own free_port name (imported from devmeter.embedded._common).
+    monkeypatch.setattr(embedded.postgres, "free_port", first)
+    monkeypatch.setattr(embedded.broker, "free_port", first)
     with squatter:
         yield taken
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
@@ -183,3 +184,68 @@ def test_up_given_a_superuser_url_runs_the_service_as_the_service_role(
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("devmeter up did not stop on SIGTERM")
+
+
+def test_up_restarts_a_killed_broker_and_a_killed_worker(cli: Cli, tmp_path: Path) -> None:
+    _create_acme(cli)
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "up"],
+            env={**cli.env, "DEVMETER_API_PORT": "0"},
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        poll(lambda: "ready" in log_path.read_text() or proc.poll() is not None, 120, "ready")
+        text = log_path.read_text()
+        broker = re.search(r"mosquitto at mqtt://127\.0\.0\.1:(\d+) \(MQTT 5, pid (\d+)", text)
+        worker = re.search(r"ingest worker started \(pid (\d+)\)", text)
+        assert broker, text
+        assert worker, text
+        port = broker.group(1)
+        # Registered while up runs: the key reaches the broker through the credential sync.
+        device = cli(
+            "devices", "register", "--account", "acme", "--class", "lte-m", "--id", "sup-1"
+        )
+        assert device.code == 0, device.stderr
+        mqtt_info = device.json()["mqtt"]  # type: ignore[index]
+
+        os.kill(int(broker.group(2)), signal.SIGKILL)
+        poll(lambda: "embedded MQTT broker restarted" in log_path.read_text(), 30, "broker back")
+        assert f"running on port {port}, pid" in log_path.read_text()
+        os.kill(int(worker.group(1)), signal.SIGKILL)
+        poll(lambda: "ingest worker restarted" in log_path.read_text(), 30, "worker back")
+        poll(
+            lambda: log_path.read_text().count("(session present: True)") >= 1,
+            30,
+            "the new worker to resume its session",
+        )
+
+        # The restarted broker still knows the device's key (it reads the same files).
+        user, key = quote(mqtt_info["username"], safe=""), quote(mqtt_info["password"], safe="")
+        publisher = Publisher(f"mqtt://{user}:{key}@127.0.0.1:{port}")
+        try:
+            publisher.publish(
+                device_topic("acme", "sup-1"),
+                {"state": "inactive", "ts": datetime.now(UTC).isoformat(), "seq": 7},
+            )
+        finally:
+            publisher.close()
+        poll(
+            lambda: (
+                cli("devices", "list", "--account", "acme").json()["devices"][0]["state"]  # type: ignore[index]
+                == "inactive"
+            ),
+            30,
+            "the heartbeat published after the restarts to be stored",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("devmeter up did not stop on SIGTERM")
+    assert code == 0, log_path.read_text()

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from starlette.middleware.base import RequestResponseEndpoint
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import problems
 from api.deps import AppState
@@ -74,6 +76,12 @@ def create_app(
     )
     problems.install(app)
     app.middleware("http")(measure)
+    if config.env == "production":
+        app.middleware("http")(_strict_transport_security)
+    # Added last, so outermost: everything inside sees the client's scheme and address. Only
+    # the proxies the deployment names are believed; anybody else could claim to be HTTPS.
+    # (serve_in_thread turns uvicorn's own copy of this middleware off.)
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxy_list)
     for module in (devices, usage, members, admin, health):
         app.include_router(module.router)
     if console:
@@ -81,6 +89,20 @@ def create_app(
 
         mount(app)
     return app
+
+
+#: Two years, the value browsers' preload lists ask for; sent only on HTTPS responses (RFC 6797
+#: says a browser ignores it over plain HTTP) and only in production, where HTTPS is the rule.
+HSTS = "max-age=63072000; includeSubDomains"
+
+
+async def _strict_transport_security(
+    request: Request, call_next: RequestResponseEndpoint
+) -> Response:
+    response = await call_next(request)
+    if request.url.scheme == "https":
+        response.headers["Strict-Transport-Security"] = HSTS
+    return response
 
 
 def _version() -> str:

@@ -36,6 +36,7 @@ from console.views import (
     short_day,
     usage_chart,
 )
+from devmeter.config import Settings
 from devmeter.errors import DevmeterError, InvalidError
 from metering.access import Principal, authenticate
 from metering.catalog import Catalog, Plan
@@ -51,6 +52,7 @@ from metering.registry import (
     search_devices,
     set_device_state,
 )
+from metering.sessions import find_session, open_session, revoke_session
 from metering.statements import current_month, get_statement, get_usage, list_statements
 from metering.whatif import WhatIf, what_if
 
@@ -82,7 +84,7 @@ class _AppState(Protocol):
     """The part of api.deps.AppState the console uses (the console does not import api)."""
 
     @property
-    def config(self) -> object: ...
+    def config(self) -> Settings: ...
     @property
     def catalog(self) -> Catalog: ...
     @property
@@ -107,12 +109,27 @@ def db(request: Request) -> Iterator[Conn]:
 DB = Annotated[Conn, Depends(db)]
 
 
+def _live_session(request: Request, conn: Conn) -> Session | None:
+    token = request.cookies.get(security.COOKIE)
+    if not token:
+        return None
+    config = _app_state(request).config
+    found = find_session(
+        conn,
+        token,
+        now=datetime.now(UTC),
+        idle=timedelta(minutes=config.console_idle_minutes),
+    )
+    if found is None:
+        return None
+    return Session(found.principal, security.csrf_token(_secret(request), token), found.id)
+
+
 def signed_in(request: Request, conn: DB) -> Session:
-    key = request.cookies.get(security.COOKIE)
-    principal = authenticate(conn, key) if key else None
-    if principal is None or key is None:
-        raise SignInRequiredError(clear_cookie=key is not None)
-    return Session(principal, security.csrf_token(_secret(request), key))
+    session = _live_session(request, conn)
+    if session is None:
+        raise SignInRequiredError(clear_cookie=security.COOKIE in request.cookies)
+    return session
 
 
 Signed = Annotated[Session, Depends(signed_in)]
@@ -253,8 +270,7 @@ def sign_in_form(
     next_url: Annotated[str, Query(alias="next")] = "",
     signed_out: str = "",
 ) -> Response:
-    key = request.cookies.get(security.COOKIE)
-    if key and authenticate(conn, key) is not None:
+    if _live_session(request, conn) is not None:
         return redirect(security.safe_console_path(next_url, "/console/devices"))
     notice = "You have signed out." if signed_out else ""
     return _sign_in_page(request, notice=notice, next_url=next_url)
@@ -293,14 +309,26 @@ def sign_in(
         principal.member_id,
         principal.role,
     )
+    config = _app_state(request).config
+    with conn.transaction():
+        opened = open_session(
+            conn,
+            principal,
+            now=datetime.now(UTC),
+            absolute=timedelta(hours=config.console_session_hours),
+        )
     response = redirect(security.safe_console_path(next_url, "/console/devices"))
-    security.set_session_cookie(response, request, key.strip())
+    # The cookie gets the session's token, never the API key (which the form sent once).
+    security.set_session_cookie(response, request, opened.token)
     security.clear_sign_in_cookie(response, request)
     return response
 
 
 @router.post("/sign-out", dependencies=[Depends(checked)])
-def sign_out(request: Request) -> Response:
+def sign_out(request: Request, conn: DB) -> Response:
+    # Revoked server-side: the cookie, or any copy of it, no longer signs anybody in.
+    with conn.transaction():
+        revoke_session(conn, request.cookies.get(security.COOKIE, ""), now=datetime.now(UTC))
     response = redirect(security.SIGN_IN_PATH + "?signed_out=1")
     security.clear_session_cookie(response, request)
     return response

@@ -47,7 +47,11 @@ class DeviceOut(BaseModel):
     name: str | None
     gateway_id: str | None
     state: State
-    state_at: datetime
+    state_at: datetime = Field(
+        description="the time of the device's latest state event or in-order heartbeat, "
+        "which may repeat its state (events are ordered by time: D3)"
+    )
+    state_since: datetime = Field(description="when the device entered its current state")
     registered_at: datetime
     last_seen_at: datetime | None
     key_prefix: str = Field(description="the first characters of the device key")

@@ -252,7 +252,7 @@ def devices_register(
 @click.option("--state", required=True, type=click.Choice(["active", "inactive"]))
 @reports_errors
 def devices_set_state(device_id: str, state: str) -> None:
-    """Set a device Active or Inactive from now (records a state event)."""
+    """Set a device Active or Inactive from now (records a state event if it changes)."""
     from metering.registry import set_device_state
 
     config = settings()
@@ -302,6 +302,7 @@ def _device_json(device: Any) -> dict[str, object]:
         "gateway": device.gateway_id,
         "state": device.state,
         "state_at": device.state_at,
+        "state_since": device.state_since,
         "registered_at": device.registered_at,
         "last_seen_at": device.last_seen_at,
         "key_prefix": device.key_prefix,

@@ -54,6 +54,7 @@ def device_out(device: Device) -> DeviceOut:
             "gateway_id": device.gateway_id,
             "state": device.state,
             "state_at": device.state_at,
+            "state_since": device.state_since,
             "registered_at": device.registered_at,
             "last_seen_at": device.last_seen_at,
             "key_prefix": device.key_prefix,
@@ -170,7 +171,7 @@ def _set_state(
     "/{device_id}/activate",
     response_model=DeviceOut,
     responses=responses(401, 403, 404, 422),
-    summary="Set the device Active (idempotent)",
+    summary="Set the device Active (idempotent: a repeat records no second event)",
 )
 def activate(device_id: DeviceId, caller: Writer, conn: DB) -> DeviceOut:
     return _set_state(conn, caller, device_id, "active")
@@ -180,7 +181,8 @@ def activate(device_id: DeviceId, caller: Writer, conn: DB) -> DeviceOut:
     "/{device_id}/deactivate",
     response_model=DeviceOut,
     responses=responses(401, 403, 404, 422),
-    summary="Set the device Inactive (idempotent); it stops counting from now",
+    summary="Set the device Inactive (idempotent: a repeat records no second event); "
+    "it stops counting from now",
 )
 def deactivate(device_id: DeviceId, caller: Writer, conn: DB) -> DeviceOut:
     return _set_state(conn, caller, device_id, "inactive")

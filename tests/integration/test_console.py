@@ -10,6 +10,7 @@ import hashlib
 import html
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from html.parser import HTMLParser
 from typing import Any
 
@@ -560,6 +561,33 @@ def test_deactivate_asks_first_then_toggles_by_form(client: TestClient, database
     assert states == ["active", "inactive", "active"], "newest first"
     assert timeline.count("console") >= 2
     assert_page(client.get("/console/devices/nope"), 404)
+
+
+def test_state_since_shows_the_last_change_not_the_last_heartbeat(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    api_device(client, owner, **{"class": "lte-m", "id": "d1"})
+    off = client.post("/v1/devices/d1/deactivate", headers=bearer(owner)).json()
+    # An Inactive heartbeat an hour later repeats the state: it moves state_at and last seen
+    # (what ingest does), not when the state began.
+    with connect(database_url) as conn:
+        conn.execute(
+            "UPDATE devices SET state_at = state_at + interval '1 hour',"
+            " last_seen_at = state_at + interval '1 hour' WHERE id = 'd1'"
+        )
+    device = client.get("/v1/devices/d1", headers=bearer(owner)).json()
+    assert device["state_since"] == off["state_since"] == off["state_at"]
+    assert device["state_at"] != device["state_since"]
+    sign_in(client, owner)
+    page = assert_page(client.get("/console/devices/d1"))
+    since = re.search(r'<dd id="device-state-since">([^<]+)</dd>', page)
+    assert since is not None
+    seen = re.search(r"<dt>Last seen</dt><dd>([^<]+)</dd>", page)
+    assert seen is not None
+    assert since.group(1) != seen.group(1), "State since no longer repeats Last seen"
+    row = assert_page(client.get("/console/devices"))
+    assert f'datetime="{datetime.fromisoformat(off["state_since"]).isoformat()}"' in row
 
 
 def test_toggle_in_place_returns_the_new_row(client: TestClient, database_url: str) -> None:

@@ -45,6 +45,7 @@ from metering.peak import month_bounds
 from metering.pricing import class_amount, format_money, price_class
 from metering.registry import (
     DEVICE_ID,
+    GATEWAY_CLASS,
     device_events,
     get_device,
     heartbeat_hours,
@@ -423,11 +424,37 @@ def devices_page(
     )
 
 
+_CLASS_COUNTS_SQL: Final = """
+SELECT device_class, count(*) AS devices
+FROM devices
+WHERE account_id = %(account_id)s
+GROUP BY device_class
+"""
+
+
+def default_class(conn: Conn, account_id: int, classes: list[str]) -> str:
+    """The class the register form starts on: the one the account registers most (ties: by
+    name), else the plan's first class that is not a gateway. Gateways are few per fleet, so
+    starting on `gateway` because it sorts first registered devices under the wrong class."""
+    counts = {
+        r["device_class"]: int(r["devices"])
+        for r in conn.execute(_CLASS_COUNTS_SQL, {"account_id": account_id}).fetchall()
+    }
+    used = sorted((c for c in classes if counts.get(c)), key=lambda c: (-counts[c], c))
+    if used:
+        return used[0]
+    others = [c for c in classes if c != GATEWAY_CLASS]
+    return (others or classes or [""])[0]
+
+
 @router.get("/new-device")
-def new_device_form(request: Request, session: Signed) -> Response:
+def new_device_form(request: Request, conn: DB, session: Signed) -> Response:
     if not session.principal.may("devices:write"):
         return forbidden(session, "devices:write")
-    return _register_page(request, session, values={})
+    plan = _plan(_app_state(request).catalog, session.principal)
+    classes = sorted(plan.classes) if plan else []
+    chosen = default_class(conn, session.principal.account_id, classes)
+    return _register_page(request, session, values={"device_class": chosen})
 
 
 def _register_page(

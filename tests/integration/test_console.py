@@ -563,6 +563,23 @@ def test_deactivate_asks_first_then_toggles_by_form(client: TestClient, database
     assert_page(client.get("/console/devices/nope"), 404)
 
 
+def test_the_register_form_starts_on_the_class_the_account_uses_most(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    sign_in(client, owner)
+
+    def selected() -> list[str]:
+        page = assert_page(client.get("/console/new-device"))
+        return re.findall(r'<option value="([^"]+)" selected>', page)
+
+    # No devices yet: the plan's first class that is not a gateway (not `gateway`, first by name).
+    assert selected() == ["lte-m"]
+    api_device(client, owner, **{"class": "gateway", "id": "g1"})
+    for n in range(2):
+        api_device(client, owner, **{"class": "wifi", "id": f"w{n}"})
+    api_device(client, owner, **{"class": "lte-m", "id": "l1"})
+    assert selected() == ["wifi"]
+
+
 def test_state_since_shows_the_last_change_not_the_last_heartbeat(
     client: TestClient, database_url: str
 ) -> None:

@@ -173,6 +173,13 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None
 
 
+class KeyCreated(BaseModel):
+    id: int
+    member_id: int
+    prefix: str
+    key: str = Field(description="the new API key, shown this once")
+
+
 class MemberOut(BaseModel):
     id: int
     name: str

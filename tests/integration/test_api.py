@@ -248,6 +248,50 @@ def test_authentication_failures_are_401(client: TestClient) -> None:
     )
 
 
+def test_the_owner_rotates_their_own_last_key(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    member_id, _, developer = add_member(client, owner, "developer")
+    members = client.get("/v1/members", headers=bearer(owner)).json()
+    me = next(m for m in members if m["role"] == "owner")
+    (old,) = me["keys"]
+    assert_problem(
+        client.delete(f"/v1/members/{me['id']}/keys/{old['id']}", headers=bearer(owner)), 409
+    )
+
+    r = client.post("/v1/members/me/keys", headers=bearer(owner))
+    assert r.status_code == 201, r.text
+    assert r.headers["cache-control"] == "no-store"
+    new = r.json()
+    assert new["member_id"] == me["id"]
+    assert new["key"].startswith("dma_")
+    assert new["key"].startswith(new["prefix"])
+    assert r.headers["location"] == f"/v1/members/{me['id']}/keys/{new['id']}"
+    # Shown once: the list has its prefix only.
+    listed = client.get("/v1/members", headers=bearer(new["key"])).json()
+    assert new["key"] not in str(listed)
+    # The old key, once the last, can now be revoked, with the new one.
+    gone = client.delete(f"/v1/members/{me['id']}/keys/{old['id']}", headers=bearer(new["key"]))
+    assert gone.status_code == 200
+    assert_problem(client.get("/v1/devices", headers=bearer(owner)), 401)
+    assert client.get("/v1/devices", headers=bearer(new["key"])).status_code == 200
+    assert_problem(
+        client.delete(f"/v1/members/{me['id']}/keys/{new['id']}", headers=bearer(new["key"])),
+        409,
+    )
+
+    # The owner can issue a developer a key too; nobody else can issue keys at all.
+    other = client.post(f"/v1/members/{member_id}/keys", headers=bearer(new["key"]))
+    assert other.status_code == 201
+    assert client.get("/v1/devices", headers=bearer(other.json()["key"])).status_code == 200
+    assert_problem(client.post("/v1/members/me/keys", headers=bearer(developer)), 403, "role")
+    assert_problem(
+        client.post(f"/v1/members/{member_id}/keys", headers=bearer(developer)), 403, "role"
+    )
+    assert_problem(client.post("/v1/members/999999/keys", headers=bearer(new["key"])), 404)
+    stranger = make_account(client, "other")
+    assert_problem(client.post(f"/v1/members/{member_id}/keys", headers=bearer(stranger)), 404)
+
+
 def test_roles(client: TestClient) -> None:
     owner = make_account(client, "acme")
     _, _, manager = add_member(client, owner, "manager")
@@ -447,7 +491,7 @@ def test_tenant_isolation_walks_every_endpoint(client: TestClient) -> None:
             checked.append((method, path))
             # B still sees its own object.
             mine = client.request(method.upper(), url, headers=bearer(b))
-            assert mine.status_code in (200, 409), (method, url, mine.text)
+            assert mine.status_code in (200, 201, 409), (method, url, mine.text)
     assert len(checked) >= 5, checked
     # Listings never show another account's objects.
     assert client.get("/v1/devices", headers=bearer(a)).json()["items"] == []

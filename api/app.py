@@ -12,7 +12,7 @@ from psycopg_pool import ConnectionPool
 from starlette.middleware.base import RequestResponseEndpoint
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from api import problems
+from api import docs, problems
 from api.deps import AppState
 from api.metrics import measure
 from api.routes import admin, devices, health, members, usage
@@ -71,10 +71,15 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs is served by api.docs from local assets; ReDoc would load from a CDN (blank
+        # offline), so it is off.
+        docs_url=None,
+        redoc_url=None,
         # Any endpoint that reads the database can find it down.
         responses=problems.responses(503),
     )
     problems.install(app)
+    docs.install(app)
     app.middleware("http")(measure)
     if config.env == "production":
         app.middleware("http")(_strict_transport_security)

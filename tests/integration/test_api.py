@@ -498,6 +498,27 @@ def test_tenant_isolation_walks_every_endpoint(client: TestClient) -> None:
     assert [m["role"] for m in client.get("/v1/members", headers=bearer(a)).json()] == ["owner"]
 
 
+def test_docs_work_offline(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "<script>" not in page.text, "no inline script: the policy would block it"
+    assert urls, page.text
+    for url in urls:
+        assert re.match(r"^/[^/]", url), f"{url} is not local"
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        assert asset.content, url
+    assert any(url.endswith("swagger-ui-bundle.js") for url in urls)
+    # What the page reads: this server's own document.
+    assert "/openapi.json" in client.get("/docs/init.js").text
+    assert client.get("/redoc").status_code == 404, "ReDoc would load from a CDN"
+
+
 def test_openapi_declares_every_problem_code(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     for path, operations in spec["paths"].items():

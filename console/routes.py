@@ -480,7 +480,7 @@ def _register_page(
     )
 
 
-_FORM_FIELDS: Final = {"class": "device_class", "id": "device_id", "gateway": "gateway_id"}
+_FORM_FIELDS: Final = {"class": "device_class", "id": "device_id"}
 
 
 @router.post("/devices")

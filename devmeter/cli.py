@@ -207,7 +207,12 @@ def devices() -> None:
 @click.option("--account", "account_ref", required=True, help="Account ref.")
 @click.option("--class", "device_class", required=True, help="Device class, e.g. lte-m.")
 @click.option("--id", "device_id", help="Device id (default: generated).")
-@click.option("--gateway", "gateway_id", help="Id of the gateway this device is bound to.")
+@click.option(
+    "--gateway-id",
+    "--gateway",
+    "gateway_id",
+    help="Id of the gateway this device is bound to (--gateway: the same, older spelling).",
+)
 @click.option("--name", help="A name for people.")
 @reports_errors
 def devices_register(
@@ -242,7 +247,7 @@ def devices_register(
             "registered_at": device.registered_at,
             "account": device.account_ref,
             "class": device.device_class,
-            "gateway": device.gateway_id,
+            "gateway_id": device.gateway_id,
         }
     )
 
@@ -299,7 +304,7 @@ def _device_json(device: Any) -> dict[str, object]:
         "account": device.account_ref,
         "class": device.device_class,
         "name": device.name,
-        "gateway": device.gateway_id,
+        "gateway_id": device.gateway_id,
         "state": device.state,
         "state_at": device.state_at,
         "state_since": device.state_since,

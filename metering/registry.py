@@ -199,7 +199,7 @@ def register_device(
 ) -> RegisteredDevice:
     """Register a device Active at ``at`` (D1): billing counts it from that instant."""
     _require_aware(at)
-    _refuse_nul(name=name, gateway=gateway_id, id=device_id, **{"class": device_class})
+    _refuse_nul(name=name, gateway_id=gateway_id, id=device_id, **{"class": device_class})
     account = get_account(conn, account_ref)
     _require_not_suspended(account)
     classes = catalog.plans[account.plan].classes
@@ -220,11 +220,11 @@ def register_device(
     if name is not None and len(name) > 200:
         raise InvalidError("device name must be at most 200 characters", field="name")
     if gateway_id is not None:
-        gateway = _lock_device(conn, gateway_id, account.id, field="gateway")
+        gateway = _lock_device(conn, gateway_id, account.id, field="gateway_id")
         if gateway.device_class != GATEWAY_CLASS:
             raise InvalidError(
                 f"device {gateway_id!r} is of class {gateway.device_class!r}, not a gateway",
-                field="gateway",
+                field="gateway_id",
             )
 
     key = new_secret(DEVICE_KEY_PREFIX)
@@ -308,7 +308,9 @@ def search_devices(
 ) -> list[Device]:
     """One page of an account's devices in id order; ``after`` is the last id of the previous
     page (keyset paging: stable while devices are added, and no OFFSET scan)."""
-    _refuse_nul(state=state, gateway=gateway_id, text=text, after=after, **{"class": device_class})
+    _refuse_nul(
+        state=state, gateway_id=gateway_id, text=text, after=after, **{"class": device_class}
+    )
     pattern = None
     if text:
         escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -116,7 +116,19 @@ def list_devices(
     conn: DB,
     state: Annotated[Literal["active", "inactive"] | None, Query()] = None,
     device_class: Annotated[str | None, Query(alias="class", max_length=64, pattern=NO_NUL)] = None,
-    gateway: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    gateway_id: Annotated[
+        str | None,
+        Query(max_length=64, pattern=NO_NUL, description="devices bound to this gateway"),
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=NO_NUL,
+            deprecated=True,
+            description="the older name of gateway_id",
+        ),
+    ] = None,
     q: Annotated[
         str | None, Query(max_length=100, pattern=NO_NUL, description="text in the id or name")
     ] = None,
@@ -124,12 +136,14 @@ def list_devices(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DevicePage:
     after = decode_cursor(cursor) if cursor else None
+    if gateway is not None and gateway_id is not None and gateway != gateway_id:
+        raise InvalidError("gateway is the older name of gateway_id: send one", field="gateway_id")
     rows = search_devices(
         conn,
         caller.account_id,
         state=state,
         device_class=device_class,
-        gateway_id=gateway,
+        gateway_id=gateway_id or gateway,
         text=q,
         after=after,
         limit=limit + 1,

@@ -99,7 +99,12 @@ def test_device_lifecycle(client: TestClient) -> None:
     assert_problem(
         client.post("/v1/devices", json={"class": "wifi", "gateway_id": "d1"}, headers=h),
         422,
-        "gateway",
+        "gateway_id",
+    )
+    assert_problem(
+        client.post("/v1/devices", json={"class": "wifi", "gateway_id": "nope"}, headers=h),
+        404,
+        "gateway_id",
     )
     assert_problem(
         client.post("/v1/devices", content=b"{", headers=h | {"content-type": "application/json"}),
@@ -158,7 +163,16 @@ def test_listing_filters_and_cursor_pagination(client: TestClient) -> None:
 
     assert ids(state="inactive") == ["m3"]
     assert ids(**{"class": "wifi"}) == ["w1"]
-    assert ids(gateway="gw") == ["w1"]
+    assert ids(gateway_id="gw") == ["w1"]
+    assert ids(gateway="gw") == ["w1"], "the older name still works"
+    assert ids(gateway_id="m1") == []
+    assert_problem(
+        client.get("/v1/devices", params={"gateway_id": "gw", "gateway": "m1"}, headers=h),
+        422,
+        "gateway_id",
+    )
+    listed = client.get("/v1/devices", params={"gateway_id": "gw"}, headers=h).json()
+    assert listed["items"][0]["gateway_id"] == "gw"
     assert ids(q="meter 5") == ["m5"]
     assert ids(q="%") == []
     assert_problem(client.get("/v1/devices", params={"state": "on"}, headers=h), 422, "state")

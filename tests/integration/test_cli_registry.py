@@ -109,7 +109,22 @@ def test_generated_device_id_and_gateway_binding(cli: Cli) -> None:
         "devices", "register", "--account", "acme", "--class", "wifi", "--gateway", str(gateway_id)
     )
     assert bound.code == 0, bound.stderr
-    assert bound.json()["gateway"] == gateway_id  # type: ignore[index]
+    assert bound.json()["gateway_id"] == gateway_id  # type: ignore[index]
+    assert "gateway" not in bound.json()  # type: ignore[operator]
+    also = cli(
+        "devices",
+        "register",
+        "--account",
+        "acme",
+        "--class",
+        "wifi",
+        "--gateway-id",
+        str(gateway_id),
+    )
+    assert also.code == 0, also.stderr
+    assert also.json()["gateway_id"] == gateway_id  # type: ignore[index]
+    listed = cli("devices", "list", "--account", "acme").json()
+    assert {d.get("gateway_id") for d in listed["devices"]} == {None, gateway_id}  # type: ignore[index]
 
     not_a_gateway = cli(
         "devices",

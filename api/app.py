@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from starlette.middleware.base import RequestResponseEndpoint
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import docs, problems
-from api.deps import AppState
+from api.deps import AppState, json_body
 from api.metrics import measure
 from api.routes import admin, devices, health, members, usage
 from devmeter.config import Settings
@@ -88,7 +88,7 @@ def create_app(
     # (serve_in_thread turns uvicorn's own copy of this middleware off.)
     app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxy_list)
     for module in (devices, usage, members, admin, health):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=[Depends(json_body)])
     if console:
         from console.app import mount
 

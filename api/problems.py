@@ -67,6 +67,7 @@ _DESCRIPTIONS: Final = {
     403: "The caller's role may not do this",
     404: "No such object in the caller's account",
     409: "Conflicts with the current state",
+    415: "The body is not JSON (Content-Type must be application/json)",
     422: "A field is invalid (the problem names it)",
     503: "A dependency (database, broker) is unreachable",
 }

@@ -81,7 +81,7 @@ def decode_cursor(cursor: str) -> str:
     "",
     status_code=201,
     response_model=DeviceCreated,
-    responses=responses(400, 401, 403, 404, 409, 422),
+    responses=responses(400, 401, 403, 404, 409, 415, 422),
     summary="Register a device (Active from now); its key is in this response only",
 )
 def create_device(body: DeviceIn, caller: Writer, conn: DB, app: State) -> JSONResponse:

@@ -24,7 +24,7 @@ Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
     "",
     status_code=201,
     response_model=MemberCreated,
-    responses=responses(400, 401, 403, 409, 422),
+    responses=responses(400, 401, 403, 409, 415, 422),
     summary="Add a manager or developer (owner only); their API key is in this response only",
 )
 def add_member(body: MemberIn, caller: Owner, conn: DB) -> JSONResponse:

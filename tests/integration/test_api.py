@@ -512,6 +512,50 @@ def test_tenant_isolation_walks_every_endpoint(client: TestClient) -> None:
     assert [m["role"] for m in client.get("/v1/members", headers=bearer(a)).json()] == ["owner"]
 
 
+def test_a_body_that_is_not_json_is_415(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    h = bearer(owner)
+    form = client.post("/v1/devices", data={"class": "lte-m"}, headers=h)
+    body = assert_problem(form, 415, "content-type")
+    assert "application/x-www-form-urlencoded" in body["detail"]
+    for content_type in ("text/plain", "application/xml", "multipart/form-data; boundary=x"):
+        r = client.post(
+            "/v1/devices", content=b'{"class": "lte-m"}', headers=h | {"content-type": content_type}
+        )
+        assert_problem(r, 415, "content-type")
+    members = client.post("/v1/members", content=b"name=x", headers=h)  # no Content-Type
+    assert_problem(members, 415, "content-type")
+    admin = client.post(
+        "/v1/admin/close", content=b"month=2026-10", headers=ADMIN | {"content-type": "text/plain"}
+    )
+    assert_problem(admin, 415, "content-type")
+    assert client.get("/v1/devices", headers=h).json()["items"] == [], "nothing was registered"
+
+    # JSON, with a charset or as a +json type, is read; JSON that does not parse stays 422.
+    ok = client.post(
+        "/v1/devices",
+        content=b'{"class": "lte-m", "id": "d1"}',
+        headers=h | {"content-type": "application/json; charset=utf-8"},
+    )
+    assert ok.status_code == 201, ok.text
+    ok = client.post(
+        "/v1/devices",
+        content=b'{"class": "lte-m", "id": "d2"}',
+        headers=h | {"content-type": "application/merge-patch+json"},
+    )
+    assert ok.status_code == 201, ok.text
+    assert_problem(
+        client.post("/v1/devices", content=b"{", headers=h | {"content-type": "application/json"}),
+        422,
+        "body",
+    )
+    assert_problem(client.post("/v1/devices", headers=h), 422, "body")
+    # Endpoints without a body do not care.
+    r = client.post("/v1/devices/d1/deactivate", headers=h | {"content-type": "text/plain"})
+    assert r.status_code == 200
+    assert "415" in client.get("/openapi.json").json()["paths"]["/v1/devices"]["post"]["responses"]
+
+
 def test_docs_work_offline(client: TestClient) -> None:
     page = client.get("/docs")
     assert page.status_code == 200

@@ -94,6 +94,9 @@ def _loc_field(loc: tuple[int | str, ...]) -> str:
     # A body that is not JSON at all comes as ("body", <offset>): the field is the body.
     if len(loc) == 2 and loc[0] == "body" and isinstance(loc[1], int):
         return "body"
+    # Header names are case-insensitive: lower case, as "authorization" and "content-type".
+    if len(loc) == 2 and loc[0] == "header":
+        return str(loc[1]).lower()
     parts = (
         [str(p) for p in loc[1:]]
         if loc and loc[0] in ("body", "query", "path", "header")

@@ -58,7 +58,10 @@ class DeviceOut(BaseModel):
 
 
 class DeviceCreated(DeviceOut):
-    key: str = Field(description="the device key, shown this once: store it on the device")
+    key: str | None = Field(
+        description="the device key, shown this once: store it on the device. null in a "
+        "replay of an Idempotency-Key (the key is stored only as a hash): rotate the key"
+    )
 
 
 class DevicePage(BaseModel):

@@ -11,7 +11,7 @@ import binascii
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 
 from api.deps import DB, State, allowed
@@ -26,6 +26,7 @@ from api.schemas import (
     StateEventOut,
 )
 from devmeter.errors import InvalidError
+from metering import idempotency
 from metering.access import Principal
 from metering.registry import (
     DEVICE_ID,
@@ -83,9 +84,45 @@ def decode_cursor(cursor: str) -> str:
     response_model=DeviceCreated,
     responses=responses(400, 401, 403, 404, 409, 415, 422),
     summary="Register a device (Active from now); its key is in this response only",
+    description="Honours `Idempotency-Key` (Stripe's semantics, see the header).",
 )
-def create_device(body: DeviceIn, caller: Writer, conn: DB, app: State) -> JSONResponse:
+def create_device(
+    body: DeviceIn,
+    caller: Writer,
+    conn: DB,
+    app: State,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=idempotency.HEADER,
+            pattern=idempotency.KEY_PATTERN,
+            description="Send the same key again to retry safely: the same request gets the "
+            "first response (without the device key, shown once) and registers nothing more, "
+            "with `Idempotent-Replayed: true`; another request with the key is 409. Keys "
+            "are per account and kept 24 hours.",
+        ),
+    ] = None,
+) -> JSONResponse:
+    payload = body.model_dump(mode="json", by_alias=True)
     with conn.transaction():
+        if idempotency_key is not None:
+            replay = idempotency.claim(
+                conn,
+                caller.account_id,
+                idempotency_key,
+                idempotency.request_hash("POST /v1/devices", payload),
+                now=datetime.now(UTC),
+            )
+            if replay is not None:
+                return JSONResponse(
+                    replay.body,
+                    status_code=replay.status,
+                    headers={
+                        "Location": f"/v1/devices/{replay.body['id']}",
+                        "Cache-Control": "no-store",
+                        idempotency.REPLAYED_HEADER: "true",
+                    },
+                )
         created = register_device(
             conn,
             app.catalog,
@@ -97,7 +134,11 @@ def create_device(body: DeviceIn, caller: Writer, conn: DB, app: State) -> JSONR
             name=body.name,
             source="api",
         )
-    out = DeviceCreated(**device_out(created.device).model_dump(by_alias=True), key=created.key)
+        out = DeviceCreated(**device_out(created.device).model_dump(by_alias=True), key=created.key)
+        if idempotency_key is not None:
+            # Everything but the key: a device key is stored only as a hash (D1).
+            stored = out.model_dump(mode="json", by_alias=True) | {"key": None}
+            idempotency.record(conn, caller.account_id, idempotency_key, 201, stored)
     return JSONResponse(
         out.model_dump(mode="json", by_alias=True),
         status_code=201,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -510,6 +512,86 @@ def test_tenant_isolation_walks_every_endpoint(client: TestClient) -> None:
     # Listings never show another account's objects.
     assert client.get("/v1/devices", headers=bearer(a)).json()["items"] == []
     assert [m["role"] for m in client.get("/v1/members", headers=bearer(a)).json()] == ["owner"]
+
+
+def test_idempotency_key_on_device_registration(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    h = bearer(owner)
+
+    def count() -> int:
+        with connect(database_url) as conn:
+            row = conn.execute("SELECT count(*) AS n FROM devices").fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    # No id in the body: without the key a retry would register a second device.
+    key = {"Idempotency-Key": "4f1c6d3e-reg-1"}
+    first = client.post("/v1/devices", json={"class": "lte-m", "name": "p"}, headers=h | key)
+    assert first.status_code == 201, first.text
+    assert first.json()["key"].startswith("dmk_")
+    assert "idempotent-replayed" not in first.headers
+    again = client.post("/v1/devices", json={"name": "p", "class": "lte-m"}, headers=h | key)
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers["cache-control"] == "no-store"
+    assert again.json() == first.json() | {"key": None}, "the same device, its key not kept"
+    assert count() == 1
+    with connect(database_url) as conn:
+        stored = conn.execute("SELECT response::text AS r FROM idempotency_keys").fetchone()
+    assert stored is not None
+    assert first.json()["key"] not in stored["r"]
+
+    # The same key with another request: 409, nothing registered.
+    other = client.post("/v1/devices", json={"class": "wifi"}, headers=h | key)
+    assert_problem(other, 409, "idempotency-key")
+    assert count() == 1
+    # Keys are per account: another account's same key is a new request.
+    stranger = make_account(client, "other")
+    theirs = client.post("/v1/devices", json={"class": "lte-m"}, headers=bearer(stranger) | key)
+    assert theirs.status_code == 201
+    assert "idempotent-replayed" not in theirs.headers
+    # A refused request keeps no key: fixed and retried with the same key, it runs.
+    bad = {"Idempotency-Key": "retry-after-fix"}
+    refused = client.post("/v1/devices", json={"class": "nope"}, headers=h | bad)
+    assert_problem(refused, 422, "class")
+    fixed = client.post("/v1/devices", json={"class": "nope"}, headers=h | bad)
+    assert_problem(fixed, 422, "class")
+    assert client.post("/v1/devices", json={"class": "wifi"}, headers=h | bad).status_code == 201
+    # After 24 hours a key is forgotten.
+    with connect(database_url) as conn:
+        conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+    later = client.post("/v1/devices", json={"class": "lte-m", "name": "p"}, headers=h | key)
+    assert later.status_code == 201
+    assert "idempotent-replayed" not in later.headers
+    assert later.json()["id"] != first.json()["id"]
+    assert_problem(
+        client.post("/v1/devices", json={"class": "lte-m"}, headers=h | {"Idempotency-Key": ""}),
+        422,
+        "idempotency-key",
+    )
+
+
+def test_concurrent_requests_with_one_idempotency_key_register_one_device(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    headers = bearer(owner) | {"Idempotency-Key": "same-key"}
+    start = threading.Barrier(6)
+
+    def post(_: int) -> tuple[int, str, bool]:
+        start.wait()
+        r = client.post("/v1/devices", json={"class": "lte-m"}, headers=headers)
+        return r.status_code, r.json()["id"], r.headers.get("idempotent-replayed") == "true"
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(post, range(6)))
+    assert {status for status, _, _ in results} == {201}
+    assert len({device_id for _, device_id, _ in results}) == 1, results
+    assert sorted(replayed for _, _, replayed in results) == [False] + [True] * 5
+    with connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) AS n FROM devices").fetchone()
+    assert row == {"n": 1}
 
 
 def test_a_body_that_is_not_json_is_415(client: TestClient) -> None:

@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request, Response
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from starlette.middleware.base import RequestResponseEndpoint
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from api import problems
-from api.deps import AppState
+from api import docs, problems
+from api.deps import AppState, json_body
 from api.metrics import measure
 from api.routes import admin, devices, health, members, usage
 from devmeter.config import Settings
@@ -70,18 +72,43 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs is served by api.docs from local assets; ReDoc would load from a CDN (blank
+        # offline), so it is off.
+        docs_url=None,
+        redoc_url=None,
         # Any endpoint that reads the database can find it down.
         responses=problems.responses(503),
     )
     problems.install(app)
+    docs.install(app)
     app.middleware("http")(measure)
+    if config.env == "production":
+        app.middleware("http")(_strict_transport_security)
+    # Added last, so outermost: everything inside sees the client's scheme and address. Only
+    # the proxies the deployment names are believed; anybody else could claim to be HTTPS.
+    # (serve_in_thread turns uvicorn's own copy of this middleware off.)
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxy_list)
     for module in (devices, usage, members, admin, health):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=[Depends(json_body)])
     if console:
         from console.app import mount
 
         mount(app)
     return app
+
+
+#: Two years, the value browsers' preload lists ask for; sent only on HTTPS responses (RFC 6797
+#: says a browser ignores it over plain HTTP) and only in production, where HTTPS is the rule.
+HSTS = "max-age=63072000; includeSubDomains"
+
+
+async def _strict_transport_security(
+    request: Request, call_next: RequestResponseEndpoint
+) -> Response:
+    response = await call_next(request)
+    if request.url.scheme == "https":
+        response.headers["Strict-Transport-Security"] = HSTS
+    return response
 
 
 def _version() -> str:

@@ -67,6 +67,7 @@ _DESCRIPTIONS: Final = {
     403: "The caller's role may not do this",
     404: "No such object in the caller's account",
     409: "Conflicts with the current state",
+    415: "The body is not JSON (Content-Type must be application/json)",
     422: "A field is invalid (the problem names it)",
     503: "A dependency (database, broker) is unreachable",
 }
@@ -93,6 +94,9 @@ def _loc_field(loc: tuple[int | str, ...]) -> str:
     # A body that is not JSON at all comes as ("body", <offset>): the field is the body.
     if len(loc) == 2 and loc[0] == "body" and isinstance(loc[1], int):
         return "body"
+    # Header names are case-insensitive: lower case, as "authorization" and "content-type".
+    if len(loc) == 2 and loc[0] == "header":
+        return str(loc[1]).lower()
     parts = (
         [str(p) for p in loc[1:]]
         if loc and loc[0] in ("body", "query", "path", "header")

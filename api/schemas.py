@@ -47,7 +47,11 @@ class DeviceOut(BaseModel):
     name: str | None
     gateway_id: str | None
     state: State
-    state_at: datetime
+    state_at: datetime = Field(
+        description="the time of the device's latest state event or in-order heartbeat, "
+        "which may repeat its state (events are ordered by time: D3)"
+    )
+    state_since: datetime = Field(description="when the device entered its current state")
     registered_at: datetime
     last_seen_at: datetime | None
     key_prefix: str = Field(description="the first characters of the device key")
@@ -56,13 +60,18 @@ class DeviceOut(BaseModel):
 class MqttConnectionOut(BaseModel):
     url: str | None = Field(description="the broker; null when devmeter knows none")
     username: str = Field(description="the device's MQTT username: `<account>/<device id>`")
-    password: str = Field(description="the device key (shown this once)")
+    password: str | None = Field(
+        description="the device key (shown this once; null in an Idempotency-Key replay)"
+    )
     client_id: str = Field(description="the client id to connect with (the username)")
     topic: str = Field(description="the one topic this device may publish its heartbeats on")
 
 
 class DeviceCreated(DeviceOut):
-    key: str = Field(description="the device key, shown this once: store it on the device")
+    key: str | None = Field(
+        description="the device key, shown this once: store it on the device. null in a "
+        "replay of an Idempotency-Key (the key is stored only as a hash): rotate the key"
+    )
     mqtt: MqttConnectionOut = Field(description="everything the device needs to connect")
 
 
@@ -176,6 +185,13 @@ class KeyOut(BaseModel):
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+
+
+class KeyCreated(BaseModel):
+    id: int
+    member_id: int
+    prefix: str
+    key: str = Field(description="the new API key, shown this once")
 
 
 class MemberOut(BaseModel):

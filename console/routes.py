@@ -55,6 +55,7 @@ from metering.registry import (
     search_devices,
     set_device_state,
 )
+from metering.sessions import find_session, open_session, revoke_session
 from metering.statements import current_month, get_statement, get_usage, list_statements
 from metering.whatif import WhatIf, what_if
 
@@ -111,12 +112,27 @@ def db(request: Request) -> Iterator[Conn]:
 DB = Annotated[Conn, Depends(db)]
 
 
+def _live_session(request: Request, conn: Conn) -> Session | None:
+    token = request.cookies.get(security.COOKIE)
+    if not token:
+        return None
+    config = _app_state(request).config
+    found = find_session(
+        conn,
+        token,
+        now=datetime.now(UTC),
+        idle=timedelta(minutes=config.console_idle_minutes),
+    )
+    if found is None:
+        return None
+    return Session(found.principal, security.csrf_token(_secret(request), token), found.id)
+
+
 def signed_in(request: Request, conn: DB) -> Session:
-    key = request.cookies.get(security.COOKIE)
-    principal = authenticate(conn, key) if key else None
-    if principal is None or key is None:
-        raise SignInRequiredError(clear_cookie=key is not None)
-    return Session(principal, security.csrf_token(_secret(request), key))
+    session = _live_session(request, conn)
+    if session is None:
+        raise SignInRequiredError(clear_cookie=security.COOKIE in request.cookies)
+    return session
 
 
 Signed = Annotated[Session, Depends(signed_in)]
@@ -257,8 +273,7 @@ def sign_in_form(
     next_url: Annotated[str, Query(alias="next")] = "",
     signed_out: str = "",
 ) -> Response:
-    key = request.cookies.get(security.COOKIE)
-    if key and authenticate(conn, key) is not None:
+    if _live_session(request, conn) is not None:
         return redirect(security.safe_console_path(next_url, "/console/devices"))
     notice = "You have signed out." if signed_out else ""
     return _sign_in_page(request, notice=notice, next_url=next_url)
@@ -297,14 +312,26 @@ def sign_in(
         principal.member_id,
         principal.role,
     )
+    config = _app_state(request).config
+    with conn.transaction():
+        opened = open_session(
+            conn,
+            principal,
+            now=datetime.now(UTC),
+            absolute=timedelta(hours=config.console_session_hours),
+        )
     response = redirect(security.safe_console_path(next_url, "/console/devices"))
-    security.set_session_cookie(response, request, key.strip())
+    # The cookie gets the session's token, never the API key (which the form sent once).
+    security.set_session_cookie(response, request, opened.token)
     security.clear_sign_in_cookie(response, request)
     return response
 
 
 @router.post("/sign-out", dependencies=[Depends(checked)])
-def sign_out(request: Request) -> Response:
+def sign_out(request: Request, conn: DB) -> Response:
+    # Revoked server-side: the cookie, or any copy of it, no longer signs anybody in.
+    with conn.transaction():
+        revoke_session(conn, request.cookies.get(security.COOKIE, ""), now=datetime.now(UTC))
     response = redirect(security.SIGN_IN_PATH + "?signed_out=1")
     security.clear_session_cookie(response, request)
     return response
@@ -399,11 +426,37 @@ def devices_page(
     )
 
 
+_CLASS_COUNTS_SQL: Final = """
+SELECT device_class, count(*) AS devices
+FROM devices
+WHERE account_id = %(account_id)s
+GROUP BY device_class
+"""
+
+
+def default_class(conn: Conn, account_id: int, classes: list[str]) -> str:
+    """The class the register form starts on: the one the account registers most (ties: by
+    name), else the plan's first class that is not a gateway. Gateways are few per fleet, so
+    starting on `gateway` because it sorts first registered devices under the wrong class."""
+    counts = {
+        r["device_class"]: int(r["devices"])
+        for r in conn.execute(_CLASS_COUNTS_SQL, {"account_id": account_id}).fetchall()
+    }
+    used = sorted((c for c in classes if counts.get(c)), key=lambda c: (-counts[c], c))
+    if used:
+        return used[0]
+    others = [c for c in classes if c != GATEWAY_CLASS]
+    return (others or classes or [""])[0]
+
+
 @router.get("/new-device")
-def new_device_form(request: Request, session: Signed) -> Response:
+def new_device_form(request: Request, conn: DB, session: Signed) -> Response:
     if not session.principal.may("devices:write"):
         return forbidden(session, "devices:write")
-    return _register_page(request, session, values={})
+    plan = _plan(_app_state(request).catalog, session.principal)
+    classes = sorted(plan.classes) if plan else []
+    chosen = default_class(conn, session.principal.account_id, classes)
+    return _register_page(request, session, values={"device_class": chosen})
 
 
 def _register_page(
@@ -429,7 +482,7 @@ def _register_page(
     )
 
 
-_FORM_FIELDS: Final = {"class": "device_class", "id": "device_id", "gateway": "gateway_id"}
+_FORM_FIELDS: Final = {"class": "device_class", "id": "device_id"}
 
 
 @router.post("/devices")

@@ -1,12 +1,15 @@
 """The console's session cookie, CSRF tokens and response headers.
 
-The session is the API key itself in an HttpOnly, SameSite=Strict cookie scoped to /console:
-there is no server-side session store to keep in sync with key revocation, because every
-request authenticates the key again (a revoked key signs the browser out on its next click).
+The session is server-side (metering/sessions.py): the cookie holds an opaque random token,
+never the API key, in an HttpOnly, SameSite=Strict cookie scoped to /console. Signing out
+revokes it in the database, so a copied cookie stops working too; revoking the API key the
+session was opened with ends it; it also ends when idle and after a fixed lifetime. The cookie
+is Secure when the request came over HTTPS, directly or, from a proxy listed in
+DEVMETER_TRUSTED_PROXIES, per its X-Forwarded-Proto (api.app installs that middleware).
 
-CSRF tokens are HMAC-SHA256 over the key's digest with a server secret, so they are
-stateless, differ per key, and cannot be computed by anyone who lacks the secret, even with a
-copy of the ``api_keys`` table. The secret is ``console_secret`` from the settings when the
+CSRF tokens are HMAC-SHA256 over the session token's digest with a server secret, so they are
+stateless, differ per session, and cannot be computed by anyone who lacks the secret, even with
+a copy of the database. The secret is ``console_secret`` from the settings when the
 deployment sets one (needed when several processes serve the console), else random per process:
 then a restart just asks people to reload the form.
 """
@@ -66,10 +69,11 @@ class CsrfError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """The signed-in person. Deliberately holds no plaintext key, so it can be logged."""
+    """The signed-in person. Deliberately holds no session token, so it can be logged."""
 
     principal: Principal
     csrf_token: str = field(repr=False)
+    session_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +98,8 @@ def _mac(secret: Secret, context: bytes, message: bytes) -> str:
     return hmac.new(secret.value, context + message, hashlib.sha256).hexdigest()
 
 
-def csrf_token(secret: Secret, key: str) -> str:
-    return _mac(secret, _CSRF_CONTEXT, digest(key))
+def csrf_token(secret: Secret, session_token: str) -> str:
+    return _mac(secret, _CSRF_CONTEXT, digest(session_token))
 
 
 def sign_in_token(secret: Secret, nonce: str) -> str:
@@ -123,11 +127,12 @@ def is_https(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
-def set_session_cookie(response: Response, request: Request, key: str) -> None:
-    # No Max-Age: the browser drops it when it closes; the key's revocation ends it sooner.
+def set_session_cookie(response: Response, request: Request, token: str) -> None:
+    # No Max-Age: the browser drops it when it closes; the server ends the session sooner
+    # (sign-out, idle, absolute lifetime, the key's revocation).
     response.set_cookie(
         COOKIE,
-        key,
+        token,
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",

@@ -216,7 +216,12 @@ def devices() -> None:
 @click.option("--account", "account_ref", required=True, help="Account ref.")
 @click.option("--class", "device_class", required=True, help="Device class, e.g. lte-m.")
 @click.option("--id", "device_id", help="Device id (default: generated).")
-@click.option("--gateway", "gateway_id", help="Id of the gateway this device is bound to.")
+@click.option(
+    "--gateway-id",
+    "--gateway",
+    "gateway_id",
+    help="Id of the gateway this device is bound to (--gateway: the same, older spelling).",
+)
 @click.option("--name", help="A name for people.")
 @reports_errors
 def devices_register(
@@ -251,7 +256,7 @@ def devices_register(
             "registered_at": device.registered_at,
             "account": device.account_ref,
             "class": device.device_class,
-            "gateway": device.gateway_id,
+            "gateway_id": device.gateway_id,
             "mqtt": _mqtt_connection(config, registered),
         }
     )
@@ -287,7 +292,7 @@ _DEVICE_ACCOUNT = click.option(
 @click.option("--state", required=True, type=click.Choice(["active", "inactive"]))
 @reports_errors
 def devices_set_state(device_id: str, account_ref: str | None, state: str) -> None:
-    """Set a device Active or Inactive from now (records a state event)."""
+    """Set a device Active or Inactive from now (records a state event if it changes)."""
     from metering.registry import resolve_device_account, set_device_state
 
     config = settings()
@@ -366,9 +371,10 @@ def _device_json(device: Any) -> dict[str, object]:
         "account": device.account_ref,
         "class": device.device_class,
         "name": device.name,
-        "gateway": device.gateway_id,
+        "gateway_id": device.gateway_id,
         "state": device.state,
         "state_at": device.state_at,
+        "state_since": device.state_since,
         "registered_at": device.registered_at,
         "last_seen_at": device.last_seen_at,
         "key_prefix": device.key_prefix,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import cached_property
 from pathlib import Path
@@ -147,6 +148,18 @@ class Settings(BaseSettings):
         description="bearer token of the operator endpoints under /v1/admin/; required outside "
         "development",
     )
+    trusted_proxies: str = Field(
+        default="",
+        description="comma-separated IPs or CIDRs of reverse proxies whose X-Forwarded-Proto and "
+        "X-Forwarded-For are believed (a TLS-terminating proxy: the console's cookie is then "
+        "Secure); empty: nobody's",
+    )
+    console_idle_minutes: int = Field(
+        default=30, ge=1, le=24 * 60, description="a console session unused this long ends"
+    )
+    console_session_hours: int = Field(
+        default=12, ge=1, le=30 * 24, description="a console session ends this long after sign-in"
+    )
 
     @field_validator("console_secret", "admin_token")
     @classmethod
@@ -168,6 +181,22 @@ class Settings(BaseSettings):
         ):
             raise ValueError("DEVMETER_SERVICE_PASSWORD is required in production")
         return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        # Only addresses and networks: uvicorn would take anything else as a literal host name
+        # that never matches, and a typo would silently trust nobody (or, worse, be "*").
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+        return value
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [part.strip() for part in self.trusted_proxies.split(",") if part.strip()]
 
     @field_validator("timezone")
     @classmethod

@@ -38,3 +38,9 @@ class UnauthorizedError(DevmeterError):
     """No credentials, or credentials that match nothing (or were revoked)."""
 
     status_code = 401
+
+
+class UnsupportedMediaTypeError(DevmeterError):
+    """A request body in a format the endpoint does not read (it reads JSON)."""
+
+    status_code = 415

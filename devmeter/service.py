@@ -264,7 +264,16 @@ def serve_in_thread(
 
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on", ws=ws
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            ws=ws,
+            # Off: uvicorn would believe X-Forwarded-* from 127.0.0.1 by default. The API app
+            # applies the same middleware with DEVMETER_TRUSTED_PROXIES instead.
+            proxy_headers=False,
         )
     )
     thread = threading.Thread(target=server.run, name=name, daemon=True)

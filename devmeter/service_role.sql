@@ -27,9 +27,11 @@ REVOKE INSERT ON devmeter_meta, devmeter_schema_migrations FROM {role};
 --   attempt itself is appended to webhook_attempts).
 -- close_failures: a failed close counts its attempts and is removed once the month closes.
 -- device_credentials: a device's broker hash, replaced when its key is rotated.
+-- console_sessions: last use and sign-out; expired sessions are deleted.
+-- idempotency_keys: a claimed key gets its response; expired keys are deleted.
 GRANT UPDATE ON accounts, devices, device_credentials, api_keys, webhook_deliveries,
-    close_failures TO {role};
-GRANT DELETE ON close_failures TO {role};
+    close_failures, console_sessions, idempotency_keys TO {role};
+GRANT DELETE ON close_failures, console_sessions, idempotency_keys TO {role};
 
 -- Identity columns and device_state_events.id draw from sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};

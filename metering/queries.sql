@@ -26,7 +26,8 @@ FROM accounts WHERE id = %(id)s;
 
 -- name: select_device_for_update
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at,
+       d.state_since
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s AND d.id = %(id)s
 FOR UPDATE OF d;
@@ -70,7 +71,8 @@ DO UPDATE SET broker_hash = EXCLUDED.broker_hash, key_issued_at = EXCLUDED.key_i
 
 -- name: select_devices_of_account
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at,
+       d.state_since
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s
 ORDER BY d.id;
@@ -83,7 +85,8 @@ ORDER BY time, id;
 
 -- name: search_devices
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at,
+       d.state_since
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.account_id = %(account_id)s
   AND (%(state)s::text IS NULL OR d.state = %(state)s)
@@ -96,6 +99,7 @@ LIMIT %(limit)s;
 
 -- name: select_device
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,
-       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at
+       d.key_prefix, d.registered_at, d.state, d.state_at, d.last_seen_at,
+       d.state_since
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.id = %(id)s AND d.account_id = %(account_id)s;

@@ -60,8 +60,11 @@ class Device:
     key_prefix: str
     registered_at: datetime
     state: State
+    #: The device's latest event or in-order heartbeat: the instant writers order against (D3).
     state_at: datetime
     last_seen_at: datetime | None
+    #: When the device entered its current state ("state since"; migration 0011).
+    state_since: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +199,7 @@ def register_device(
 ) -> RegisteredDevice:
     """Register a device Active at ``at`` (D1): billing counts it from that instant."""
     _require_aware(at)
-    _refuse_nul(name=name, gateway=gateway_id, id=device_id, **{"class": device_class})
+    _refuse_nul(name=name, gateway_id=gateway_id, id=device_id, **{"class": device_class})
     account = get_account(conn, account_ref)
     _require_not_suspended(account)
     classes = catalog.plans[account.plan].classes
@@ -217,11 +220,11 @@ def register_device(
     if name is not None and len(name) > 200:
         raise InvalidError("device name must be at most 200 characters", field="name")
     if gateway_id is not None:
-        gateway = _lock_device(conn, gateway_id, account.id, field="gateway")
+        gateway = _lock_device(conn, gateway_id, account.id, field="gateway_id")
         if gateway.device_class != GATEWAY_CLASS:
             raise InvalidError(
                 f"device {gateway_id!r} is of class {gateway.device_class!r}, not a gateway",
-                field="gateway",
+                field="gateway_id",
             )
 
     key = new_secret(DEVICE_KEY_PREFIX)
@@ -284,20 +287,25 @@ def set_device_state(
     source: EventSource,
     account_id: int | None = None,
 ) -> Device:
-    """Set a device Active or Inactive at ``at`` (D2), recording a state event.
+    """Set a device Active or Inactive at ``at`` (D2), recording a state event on a change.
 
-    Idempotent in effect: asking for the state the device is already in leaves it there. The
-    request is still recorded, because a heartbeat that arrives late, dated between the
-    device's last event and ``at``, must not outlive it (D3). ``at`` is moved up to the
-    device's latest known event or heartbeat when it is earlier (a device clock ahead, or a
-    batch committed while this waited for the device's lock): the devices row and the events
-    then agree. ``account_id`` scopes the lookup for callers acting for one account (A4):
-    another account's device is "not found", never "forbidden".
+    Idempotent: asking for the state the device is already in records nothing and returns the
+    device as it is, so a repeated deactivate leaves one event, as the API documents. The
+    trade-off: a heartbeat dated between the device's latest event and a repeated request,
+    arriving after it, is not overruled by it (a recorded repeat would have ended its effect at
+    ``at``); the device follows its own report, as D3 orders events by time, and the caller can
+    deactivate again. ``at`` is moved up to the device's latest known event or heartbeat when it
+    is earlier (a device clock ahead, or a batch committed while this waited for the device's
+    lock): the devices row and the events then agree. ``account_id`` scopes the lookup for
+    callers acting for one account (A4): another account's device is "not found", never
+    "forbidden".
     """
     _require_aware(at)
     if state not in ("active", "inactive"):
         raise InvalidError(f"invalid state {state!r}: active or inactive", field="state")
     device = _lock_device(conn, device_id, account_id, field="device")
+    if device.state == state:
+        return device
     at = max(at, device.state_at)
     if state == "active" and device.state != "active":
         account = conn.execute(Q["select_account_by_id"], {"id": device.account_id}).fetchone()
@@ -330,7 +338,9 @@ def search_devices(
 ) -> list[Device]:
     """One page of an account's devices in id order; ``after`` is the last id of the previous
     page (keyset paging: stable while devices are added, and no OFFSET scan)."""
-    _refuse_nul(state=state, gateway=gateway_id, text=text, after=after, **{"class": device_class})
+    _refuse_nul(
+        state=state, gateway_id=gateway_id, text=text, after=after, **{"class": device_class}
+    )
     pattern = None
     if text:
         escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

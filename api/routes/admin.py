@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/admin", tags=["operator"], dependencies=[Depends(
     "/accounts",
     status_code=201,
     response_model=AccountCreated,
-    responses=responses(400, 401, 409, 422),
+    responses=responses(400, 401, 409, 415, 422),
     summary="Create an account with its owner; the owner's API key is in this response only",
 )
 def add_account(body: AccountIn, conn: DB, app: State) -> JSONResponse:
@@ -64,7 +64,7 @@ def accounts(conn: DB) -> list[AccountOut]:
 @router.post(
     "/close",
     response_model=CloseOut,
-    responses=responses(400, 401, 404, 409, 422),
+    responses=responses(400, 401, 404, 409, 415, 422),
     summary="Close a month for all accounts or one (idempotent)",
 )
 def close(body: CloseIn, app: State) -> CloseOut:

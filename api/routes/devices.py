@@ -11,7 +11,7 @@ import binascii
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 
 from api.deps import DB, AppState, State, allowed
@@ -28,6 +28,7 @@ from api.schemas import (
 )
 from devmeter.errors import InvalidError
 from ingest.protocol import connection
+from metering import idempotency
 from metering.access import Principal
 from metering.registry import (
     DEVICE_ID,
@@ -59,6 +60,7 @@ def device_out(device: Device) -> DeviceOut:
             "gateway_id": device.gateway_id,
             "state": device.state,
             "state_at": device.state_at,
+            "state_since": device.state_since,
             "registered_at": device.registered_at,
             "last_seen_at": device.last_seen_at,
             "key_prefix": device.key_prefix,
@@ -85,11 +87,47 @@ def decode_cursor(cursor: str) -> str:
     "",
     status_code=201,
     response_model=DeviceCreated,
-    responses=responses(400, 401, 403, 404, 409, 422),
+    responses=responses(400, 401, 403, 404, 409, 415, 422),
     summary="Register a device (Active from now); its key is in this response only",
+    description="Honours `Idempotency-Key` (Stripe's semantics, see the header).",
 )
-def create_device(body: DeviceIn, caller: Writer, conn: DB, app: State) -> JSONResponse:
+def create_device(
+    body: DeviceIn,
+    caller: Writer,
+    conn: DB,
+    app: State,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=idempotency.HEADER,
+            pattern=idempotency.KEY_PATTERN,
+            description="Send the same key again to retry safely: the same request gets the "
+            "first response (without the device key, shown once) and registers nothing more, "
+            "with `Idempotent-Replayed: true`; another request with the key is 409. Keys "
+            "are per account and kept 24 hours.",
+        ),
+    ] = None,
+) -> JSONResponse:
+    payload = body.model_dump(mode="json", by_alias=True)
     with conn.transaction():
+        if idempotency_key is not None:
+            replay = idempotency.claim(
+                conn,
+                caller.account_id,
+                idempotency_key,
+                idempotency.request_hash("POST /v1/devices", payload),
+                now=datetime.now(UTC),
+            )
+            if replay is not None:
+                return JSONResponse(
+                    replay.body,
+                    status_code=replay.status,
+                    headers={
+                        "Location": f"/v1/devices/{replay.body['id']}",
+                        "Cache-Control": "no-store",
+                        idempotency.REPLAYED_HEADER: "true",
+                    },
+                )
         created = register_device(
             conn,
             app.catalog,
@@ -101,8 +139,15 @@ def create_device(body: DeviceIn, caller: Writer, conn: DB, app: State) -> JSONR
             name=body.name,
             source="api",
         )
+        out = _with_key(created, app)
+        if idempotency_key is not None:
+            # Everything but the key: a device key is stored only as a hash (D1). The replay
+            # still says how to connect; the key itself must then be rotated.
+            stored = out.model_dump(mode="json", by_alias=True)
+            stored = stored | {"key": None, "mqtt": stored["mqtt"] | {"password": None}}
+            idempotency.record(conn, caller.account_id, idempotency_key, 201, stored)
     return JSONResponse(
-        _with_key(created, app).model_dump(mode="json", by_alias=True),
+        out.model_dump(mode="json", by_alias=True),
         status_code=201,
         headers={"Location": f"/v1/devices/{created.device.id}", "Cache-Control": "no-store"},
     )
@@ -152,7 +197,19 @@ def list_devices(
     conn: DB,
     state: Annotated[Literal["active", "inactive"] | None, Query()] = None,
     device_class: Annotated[str | None, Query(alias="class", max_length=64, pattern=NO_NUL)] = None,
-    gateway: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    gateway_id: Annotated[
+        str | None,
+        Query(max_length=64, pattern=NO_NUL, description="devices bound to this gateway"),
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=NO_NUL,
+            deprecated=True,
+            description="the older name of gateway_id",
+        ),
+    ] = None,
     q: Annotated[
         str | None, Query(max_length=100, pattern=NO_NUL, description="text in the id or name")
     ] = None,
@@ -160,12 +217,14 @@ def list_devices(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DevicePage:
     after = decode_cursor(cursor) if cursor else None
+    if gateway is not None and gateway_id is not None and gateway != gateway_id:
+        raise InvalidError("gateway is the older name of gateway_id: send one", field="gateway_id")
     rows = search_devices(
         conn,
         caller.account_id,
         state=state,
         device_class=device_class,
-        gateway_id=gateway,
+        gateway_id=gateway_id or gateway,
         text=q,
         after=after,
         limit=limit + 1,
@@ -207,7 +266,7 @@ def _set_state(
     "/{device_id}/activate",
     response_model=DeviceOut,
     responses=responses(401, 403, 404, 422),
-    summary="Set the device Active (idempotent)",
+    summary="Set the device Active (idempotent: a repeat records no second event)",
 )
 def activate(device_id: DeviceId, caller: Writer, conn: DB) -> DeviceOut:
     return _set_state(conn, caller, device_id, "active")
@@ -217,7 +276,8 @@ def activate(device_id: DeviceId, caller: Writer, conn: DB) -> DeviceOut:
     "/{device_id}/deactivate",
     response_model=DeviceOut,
     responses=responses(401, 403, 404, 422),
-    summary="Set the device Inactive (idempotent); it stops counting from now",
+    summary="Set the device Inactive (idempotent: a repeat records no second event); "
+    "it stops counting from now",
 )
 def deactivate(device_id: DeviceId, caller: Writer, conn: DB) -> DeviceOut:
     return _set_state(conn, caller, device_id, "inactive")

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 
 from api.deps import DB, allowed
 from api.problems import responses
-from api.schemas import KeyOut, MemberCreated, MemberIn, MemberOut
-from metering.access import Principal, create_member, list_members, revoke_key
+from api.schemas import KeyCreated, KeyOut, MemberCreated, MemberIn, MemberOut
+from metering.access import Principal, create_member, issue_key, list_members, revoke_key
 
 router = APIRouter(prefix="/v1/members", tags=["members"])
 
@@ -24,7 +24,7 @@ Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
     "",
     status_code=201,
     response_model=MemberCreated,
-    responses=responses(400, 401, 403, 409, 422),
+    responses=responses(400, 401, 403, 409, 415, 422),
     summary="Add a manager or developer (owner only); their API key is in this response only",
 )
 def add_member(body: MemberIn, caller: Owner, conn: DB) -> JSONResponse:
@@ -61,6 +61,45 @@ def members(caller: Viewer, conn: DB) -> list[MemberOut]:
         )
         for m, keys in list_members(conn, caller.account_id)
     ]
+
+
+def _new_key(conn: DB, caller: Principal, member_id: int) -> JSONResponse:
+    with conn.transaction():
+        key_id, key = issue_key(conn, caller.account_id, member_id)
+    out = KeyCreated(id=key_id, member_id=member_id, prefix=key[:10], key=key)
+    return JSONResponse(
+        out.model_dump(mode="json"),
+        status_code=201,
+        headers={
+            "Cache-Control": "no-store",
+            "Location": f"/v1/members/{member_id}/keys/{key_id}",
+        },
+    )
+
+
+# Declared before /{member_id}/keys, which would take "me" for an id (and refuse it, 422).
+@router.post(
+    "/me/keys",
+    status_code=201,
+    response_model=KeyCreated,
+    responses=responses(401, 403),
+    summary="Issue a new API key for the owner calling (owner only); in this response only",
+    description="Rotation: issue a new key, switch to it, then revoke the old one "
+    "(DELETE /v1/members/{member_id}/keys/{key_id}), even if it was the owner's last.",
+)
+def issue_own_key(caller: Owner, conn: DB) -> JSONResponse:
+    return _new_key(conn, caller, caller.member_id)
+
+
+@router.post(
+    "/{member_id}/keys",
+    status_code=201,
+    response_model=KeyCreated,
+    responses=responses(401, 403, 404, 422),
+    summary="Issue a new API key for a member (owner only); in this response only",
+)
+def issue_member_key(member_id: Id, caller: Owner, conn: DB) -> JSONResponse:
+    return _new_key(conn, caller, member_id)
 
 
 @router.delete(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,7 +101,12 @@ def test_device_lifecycle(client: TestClient) -> None:
     assert_problem(
         client.post("/v1/devices", json={"class": "wifi", "gateway_id": "d1"}, headers=h),
         422,
-        "gateway",
+        "gateway_id",
+    )
+    assert_problem(
+        client.post("/v1/devices", json={"class": "wifi", "gateway_id": "nope"}, headers=h),
+        404,
+        "gateway_id",
     )
     assert_problem(
         client.post("/v1/devices", content=b"{", headers=h | {"content-type": "application/json"}),
@@ -110,15 +117,14 @@ def test_device_lifecycle(client: TestClient) -> None:
     assert off.status_code == 200
     assert off.json()["state"] == "inactive"
     again = client.post("/v1/devices/d1/deactivate", headers=h)
-    # Idempotent in effect; the request is still on the timeline, so that a heartbeat arriving
-    # late, dated before it, cannot outlive it.
-    assert again.json()["state"] == "inactive"
-    assert again.json()["state_at"] >= off.json()["state_at"]
+    # Idempotent: the same answer, and a repeated deactivate records one event, not two.
+    assert again.status_code == 200
+    assert again.json() == off.json()
+    assert off.json()["state_since"] == off.json()["state_at"]
     assert client.post("/v1/devices/d1/activate", headers=h).json()["state"] == "active"
     events = client.get("/v1/devices/d1/events", headers=h).json()
     assert [(e["state"], e["source"]) for e in events] == [
         ("active", "api"),
-        ("inactive", "api"),
         ("inactive", "api"),
         ("active", "api"),
     ]
@@ -159,7 +165,16 @@ def test_listing_filters_and_cursor_pagination(client: TestClient) -> None:
 
     assert ids(state="inactive") == ["m3"]
     assert ids(**{"class": "wifi"}) == ["w1"]
-    assert ids(gateway="gw") == ["w1"]
+    assert ids(gateway_id="gw") == ["w1"]
+    assert ids(gateway="gw") == ["w1"], "the older name still works"
+    assert ids(gateway_id="m1") == []
+    assert_problem(
+        client.get("/v1/devices", params={"gateway_id": "gw", "gateway": "m1"}, headers=h),
+        422,
+        "gateway_id",
+    )
+    listed = client.get("/v1/devices", params={"gateway_id": "gw"}, headers=h).json()
+    assert listed["items"][0]["gateway_id"] == "gw"
     assert ids(q="meter 5") == ["m5"]
     assert ids(q="%") == []
     assert_problem(client.get("/v1/devices", params={"state": "on"}, headers=h), 422, "state")
@@ -247,6 +262,50 @@ def test_authentication_failures_are_401(client: TestClient) -> None:
         client.delete(f"/v1/members/{owner_row['id']}/keys/{owner_key_id}", headers=bearer(owner)),
         409,
     )
+
+
+def test_the_owner_rotates_their_own_last_key(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    member_id, _, developer = add_member(client, owner, "developer")
+    members = client.get("/v1/members", headers=bearer(owner)).json()
+    me = next(m for m in members if m["role"] == "owner")
+    (old,) = me["keys"]
+    assert_problem(
+        client.delete(f"/v1/members/{me['id']}/keys/{old['id']}", headers=bearer(owner)), 409
+    )
+
+    r = client.post("/v1/members/me/keys", headers=bearer(owner))
+    assert r.status_code == 201, r.text
+    assert r.headers["cache-control"] == "no-store"
+    new = r.json()
+    assert new["member_id"] == me["id"]
+    assert new["key"].startswith("dma_")
+    assert new["key"].startswith(new["prefix"])
+    assert r.headers["location"] == f"/v1/members/{me['id']}/keys/{new['id']}"
+    # Shown once: the list has its prefix only.
+    listed = client.get("/v1/members", headers=bearer(new["key"])).json()
+    assert new["key"] not in str(listed)
+    # The old key, once the last, can now be revoked, with the new one.
+    gone = client.delete(f"/v1/members/{me['id']}/keys/{old['id']}", headers=bearer(new["key"]))
+    assert gone.status_code == 200
+    assert_problem(client.get("/v1/devices", headers=bearer(owner)), 401)
+    assert client.get("/v1/devices", headers=bearer(new["key"])).status_code == 200
+    assert_problem(
+        client.delete(f"/v1/members/{me['id']}/keys/{new['id']}", headers=bearer(new["key"])),
+        409,
+    )
+
+    # The owner can issue a developer a key too; nobody else can issue keys at all.
+    other = client.post(f"/v1/members/{member_id}/keys", headers=bearer(new["key"]))
+    assert other.status_code == 201
+    assert client.get("/v1/devices", headers=bearer(other.json()["key"])).status_code == 200
+    assert_problem(client.post("/v1/members/me/keys", headers=bearer(developer)), 403, "role")
+    assert_problem(
+        client.post(f"/v1/members/{member_id}/keys", headers=bearer(developer)), 403, "role"
+    )
+    assert_problem(client.post("/v1/members/999999/keys", headers=bearer(new["key"])), 404)
+    stranger = make_account(client, "other")
+    assert_problem(client.post(f"/v1/members/{member_id}/keys", headers=bearer(stranger)), 404)
 
 
 def test_roles(client: TestClient) -> None:
@@ -448,11 +507,156 @@ def test_tenant_isolation_walks_every_endpoint(client: TestClient) -> None:
             checked.append((method, path))
             # B still sees its own object.
             mine = client.request(method.upper(), url, headers=bearer(b))
-            assert mine.status_code in (200, 409), (method, url, mine.text)
+            assert mine.status_code in (200, 201, 409), (method, url, mine.text)
     assert len(checked) >= 5, checked
     # Listings never show another account's objects.
     assert client.get("/v1/devices", headers=bearer(a)).json()["items"] == []
     assert [m["role"] for m in client.get("/v1/members", headers=bearer(a)).json()] == ["owner"]
+
+
+def test_idempotency_key_on_device_registration(client: TestClient, database_url: str) -> None:
+    owner = make_account(client, "acme")
+    h = bearer(owner)
+
+    def count() -> int:
+        with connect(database_url) as conn:
+            row = conn.execute("SELECT count(*) AS n FROM devices").fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    # No id in the body: without the key a retry would register a second device.
+    key = {"Idempotency-Key": "4f1c6d3e-reg-1"}
+    first = client.post("/v1/devices", json={"class": "lte-m", "name": "p"}, headers=h | key)
+    assert first.status_code == 201, first.text
+    assert first.json()["key"].startswith("dmk_")
+    assert "idempotent-replayed" not in first.headers
+    again = client.post("/v1/devices", json={"name": "p", "class": "lte-m"}, headers=h | key)
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers["cache-control"] == "no-store"
+    assert again.json() == first.json() | {"key": None}, "the same device, its key not kept"
+    assert count() == 1
+    with connect(database_url) as conn:
+        stored = conn.execute("SELECT response::text AS r FROM idempotency_keys").fetchone()
+    assert stored is not None
+    assert first.json()["key"] not in stored["r"]
+
+    # The same key with another request: 409, nothing registered.
+    other = client.post("/v1/devices", json={"class": "wifi"}, headers=h | key)
+    assert_problem(other, 409, "idempotency-key")
+    assert count() == 1
+    # Keys are per account: another account's same key is a new request.
+    stranger = make_account(client, "other")
+    theirs = client.post("/v1/devices", json={"class": "lte-m"}, headers=bearer(stranger) | key)
+    assert theirs.status_code == 201
+    assert "idempotent-replayed" not in theirs.headers
+    # A refused request keeps no key: fixed and retried with the same key, it runs.
+    bad = {"Idempotency-Key": "retry-after-fix"}
+    refused = client.post("/v1/devices", json={"class": "nope"}, headers=h | bad)
+    assert_problem(refused, 422, "class")
+    fixed = client.post("/v1/devices", json={"class": "nope"}, headers=h | bad)
+    assert_problem(fixed, 422, "class")
+    assert client.post("/v1/devices", json={"class": "wifi"}, headers=h | bad).status_code == 201
+    # After 24 hours a key is forgotten.
+    with connect(database_url) as conn:
+        conn.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+    later = client.post("/v1/devices", json={"class": "lte-m", "name": "p"}, headers=h | key)
+    assert later.status_code == 201
+    assert "idempotent-replayed" not in later.headers
+    assert later.json()["id"] != first.json()["id"]
+    assert_problem(
+        client.post("/v1/devices", json={"class": "lte-m"}, headers=h | {"Idempotency-Key": ""}),
+        422,
+        "idempotency-key",
+    )
+
+
+def test_concurrent_requests_with_one_idempotency_key_register_one_device(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    headers = bearer(owner) | {"Idempotency-Key": "same-key"}
+    start = threading.Barrier(6)
+
+    def post(_: int) -> tuple[int, str, bool]:
+        start.wait()
+        r = client.post("/v1/devices", json={"class": "lte-m"}, headers=headers)
+        return r.status_code, r.json()["id"], r.headers.get("idempotent-replayed") == "true"
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(post, range(6)))
+    assert {status for status, _, _ in results} == {201}
+    assert len({device_id for _, device_id, _ in results}) == 1, results
+    assert sorted(replayed for _, _, replayed in results) == [False] + [True] * 5
+    with connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) AS n FROM devices").fetchone()
+    assert row == {"n": 1}
+
+
+def test_a_body_that_is_not_json_is_415(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    h = bearer(owner)
+    form = client.post("/v1/devices", data={"class": "lte-m"}, headers=h)
+    body = assert_problem(form, 415, "content-type")
+    assert "application/x-www-form-urlencoded" in body["detail"]
+    for content_type in ("text/plain", "application/xml", "multipart/form-data; boundary=x"):
+        r = client.post(
+            "/v1/devices", content=b'{"class": "lte-m"}', headers=h | {"content-type": content_type}
+        )
+        assert_problem(r, 415, "content-type")
+    members = client.post("/v1/members", content=b"name=x", headers=h)  # no Content-Type
+    assert_problem(members, 415, "content-type")
+    admin = client.post(
+        "/v1/admin/close", content=b"month=2026-10", headers=ADMIN | {"content-type": "text/plain"}
+    )
+    assert_problem(admin, 415, "content-type")
+    assert client.get("/v1/devices", headers=h).json()["items"] == [], "nothing was registered"
+
+    # JSON, with a charset or as a +json type, is read; JSON that does not parse stays 422.
+    ok = client.post(
+        "/v1/devices",
+        content=b'{"class": "lte-m", "id": "d1"}',
+        headers=h | {"content-type": "application/json; charset=utf-8"},
+    )
+    assert ok.status_code == 201, ok.text
+    ok = client.post(
+        "/v1/devices",
+        content=b'{"class": "lte-m", "id": "d2"}',
+        headers=h | {"content-type": "application/merge-patch+json"},
+    )
+    assert ok.status_code == 201, ok.text
+    assert_problem(
+        client.post("/v1/devices", content=b"{", headers=h | {"content-type": "application/json"}),
+        422,
+        "body",
+    )
+    assert_problem(client.post("/v1/devices", headers=h), 422, "body")
+    # Endpoints without a body do not care.
+    r = client.post("/v1/devices/d1/deactivate", headers=h | {"content-type": "text/plain"})
+    assert r.status_code == 200
+    assert "415" in client.get("/openapi.json").json()["paths"]["/v1/devices"]["post"]["responses"]
+
+
+def test_docs_work_offline(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "<script>" not in page.text, "no inline script: the policy would block it"
+    assert urls, page.text
+    for url in urls:
+        assert re.match(r"^/[^/]", url), f"{url} is not local"
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        assert asset.content, url
+    assert any(url.endswith("swagger-ui-bundle.js") for url in urls)
+    # What the page reads: this server's own document.
+    assert "/openapi.json" in client.get("/docs/init.js").text
+    assert client.get("/redoc").status_code == 404, "ReDoc would load from a CDN"
 
 
 def test_openapi_declares_every_problem_code(client: TestClient) -> None:

@@ -109,7 +109,22 @@ def test_generated_device_id_and_gateway_binding(cli: Cli) -> None:
         "devices", "register", "--account", "acme", "--class", "wifi", "--gateway", str(gateway_id)
     )
     assert bound.code == 0, bound.stderr
-    assert bound.json()["gateway"] == gateway_id  # type: ignore[index]
+    assert bound.json()["gateway_id"] == gateway_id  # type: ignore[index]
+    assert "gateway" not in bound.json()  # type: ignore[operator]
+    also = cli(
+        "devices",
+        "register",
+        "--account",
+        "acme",
+        "--class",
+        "wifi",
+        "--gateway-id",
+        str(gateway_id),
+    )
+    assert also.code == 0, also.stderr
+    assert also.json()["gateway_id"] == gateway_id  # type: ignore[index]
+    listed = cli("devices", "list", "--account", "acme").json()
+    assert {d.get("gateway_id") for d in listed["devices"]} == {None, gateway_id}  # type: ignore[index]
 
     not_a_gateway = cli(
         "devices",
@@ -144,10 +159,10 @@ def test_set_state_records_events_and_is_idempotent(cli: Cli, database_url: str)
         ).fetchall()
     assert events == [
         ("active", "registration"),
-        ("inactive", "cli"),
-        ("inactive", "cli"),  # the repeat changes nothing, and is on the record
+        ("inactive", "cli"),  # the repeat changes nothing and records nothing
         ("active", "cli"),
     ]
+    assert again.json() == off.json()  # type: ignore[union-attr]
 
     listed = cli("devices", "list", "--account", "acme")
     assert listed.code == 0
@@ -157,7 +172,7 @@ def test_set_state_records_events_and_is_idempotent(cli: Cli, database_url: str)
 
     timeline = cli("devices", "events", "--device", "d1")
     states = [e["state"] for e in timeline.json()["events"]]  # type: ignore[index]
-    assert states == ["active", "inactive", "inactive", "active"]
+    assert states == ["active", "inactive", "active"]
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import hashlib
 import html
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from html.parser import HTMLParser
 from typing import Any
 
@@ -198,6 +199,113 @@ def test_cookie_is_secure_over_https(client: TestClient) -> None:
     assert "secure" in flags
     assert "httponly" in flags
     assert "samesite=strict" in flags
+
+
+def test_the_cookie_is_a_server_side_session_that_sign_out_revokes(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    form = client.get("/console/sign-in")
+    r = client.post("/console/sign-in", data={"key": owner, "csrf_token": csrf_of(form.text)})
+    value = session_cookie(r).split(";")[0].split("=", 1)[1]
+    assert value != owner, "the cookie is not the API key"
+    assert owner not in session_cookie(r)
+    assert value.startswith("dmc_")
+    with connect(database_url) as conn:
+        row = conn.execute("SELECT token_hash FROM console_sessions").fetchone()
+    assert row is not None
+    assert bytes(row["token_hash"]) == hashlib.sha256(value.encode()).digest(), "hash only"
+
+    # Someone who copied the cookie (a second browser) is signed in, until the owner signs out.
+    thief = browser(client)
+    thief.cookies.set("devmeter_console", value, path="/console")
+    assert thief.get("/console/devices").status_code == 200
+    csrf = csrf_of(client.get("/console/devices").text)
+    assert client.post("/console/sign-out", data={"csrf_token": csrf}).status_code == 303
+    r = thief.get("/console/devices")
+    assert r.status_code == 303, "a signed-out session is dead server-side, not just forgotten"
+    assert r.headers["location"].startswith("/console/sign-in")
+    # The API key itself as a cookie (the old scheme) signs nobody in.
+    thief.cookies.set("devmeter_console", owner, path="/console")
+    assert thief.get("/console/devices").status_code == 303
+    # The key still works for the API and for a new sign-in.
+    assert client.get("/v1/devices", headers=bearer(owner)).status_code == 200
+    sign_in(client, owner)
+
+
+def test_sessions_end_when_idle_or_old_and_with_their_key(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    member_id, key_id, developer = add_member(client, owner, "developer")
+    other = browser(client)
+    sign_in(client, owner)
+    sign_in(other, developer)
+
+    with connect(database_url) as conn:
+        conn.execute(
+            "UPDATE console_sessions SET last_used_at = now() - interval '31 minutes'"
+            " WHERE api_key_id <> %s",
+            (key_id,),
+        )
+    assert client.get("/console/devices").status_code == 303, "idle for 31 min (limit 30)"
+    sign_in(client, owner)
+    with connect(database_url) as conn:
+        conn.execute(
+            "UPDATE console_sessions SET expires_at = now() - interval '1 second'"
+            " WHERE api_key_id <> %s AND revoked_at IS NULL",
+            (key_id,),
+        )
+    assert client.get("/console/devices").status_code == 303, "past its absolute lifetime"
+
+    # Revoking the developer's key ends the session opened with it, on its next request.
+    assert other.get("/console/devices").status_code == 200
+    r = client.delete(f"/v1/members/{member_id}/keys/{key_id}", headers=bearer(owner))
+    assert r.status_code == 200
+    assert other.get("/console/devices").status_code == 303
+
+
+def _behind(client: TestClient, peer: str, **settings: Any) -> TestClient:
+    settings = {"admin_token": "op-token-for-tests", "env": "test", **settings}
+    config = Settings(**settings)
+    app = create_app(config, database_url=client.app.state.devmeter.database_url)  # type: ignore[attr-defined]
+    return TestClient(app, follow_redirects=False, client=(peer, 40000))
+
+
+def test_secure_cookie_and_hsts_behind_a_trusted_tls_proxy(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    cases = (
+        ("10.1.2.3", "10.0.0.0/8, 192.0.2.1", True),  # the proxy is in a trusted network
+        ("192.0.2.1", "10.0.0.0/8, 192.0.2.1", True),  # a trusted address
+        ("198.51.100.7", "10.0.0.0/8", False),  # anybody else only claims to be HTTPS
+        ("10.1.2.3", "", False),  # nobody is trusted by default
+    )
+    for peer, trusted, secure in cases:
+        with _behind(client, peer, trusted_proxies=trusted, env="production") as c:
+            form = c.get("/console/sign-in", headers=https)
+            # The test client speaks plain HTTP to the "proxy side", so it would not send back
+            # a Secure cookie by itself: as the browser (on HTTPS) would, send it explicitly.
+            nonce = form.cookies.get("devmeter_console_sign_in") or ""
+            c.cookies.clear()
+            r = c.post(
+                "/console/sign-in",
+                data={"key": owner, "csrf_token": csrf_of(form.text)},
+                headers=https | {"Cookie": f"devmeter_console_sign_in={nonce}"},
+            )
+            assert r.status_code == 303, (peer, trusted, r.text)
+            flags = [part.strip().lower() for part in session_cookie(r).split(";")]
+            assert ("secure" in flags) is secure, (peer, trusted, flags)
+            hsts = r.headers.get("strict-transport-security")
+            assert (hsts == "max-age=63072000; includeSubDomains") is secure, (peer, hsts)
+            api = c.get("/healthz", headers=https)
+            assert ("strict-transport-security" in api.headers) is secure
+    # HSTS only in production; Secure whenever the request is HTTPS.
+    with _behind(client, "10.1.2.3", trusted_proxies="10.1.2.3") as c:
+        form = c.get("/console/sign-in", headers=https)
+        assert "strict-transport-security" not in form.headers
+    with pytest.raises(ValueError, match="not an IP address"):
+        Settings(trusted_proxies="proxy.internal")
 
 
 def test_sign_in_returns_to_the_page_asked_for_but_never_off_site(client: TestClient) -> None:
@@ -453,6 +561,50 @@ def test_deactivate_asks_first_then_toggles_by_form(client: TestClient, database
     assert states == ["active", "inactive", "active"], "newest first"
     assert timeline.count("console") >= 2
     assert_page(client.get("/console/devices/nope"), 404)
+
+
+def test_the_register_form_starts_on_the_class_the_account_uses_most(client: TestClient) -> None:
+    owner = make_account(client, "acme")
+    sign_in(client, owner)
+
+    def selected() -> list[str]:
+        page = assert_page(client.get("/console/new-device"))
+        return re.findall(r'<option value="([^"]+)" selected>', page)
+
+    # No devices yet: the plan's first class that is not a gateway (not `gateway`, first by name).
+    assert selected() == ["lte-m"]
+    api_device(client, owner, **{"class": "gateway", "id": "g1"})
+    for n in range(2):
+        api_device(client, owner, **{"class": "wifi", "id": f"w{n}"})
+    api_device(client, owner, **{"class": "lte-m", "id": "l1"})
+    assert selected() == ["wifi"]
+
+
+def test_state_since_shows_the_last_change_not_the_last_heartbeat(
+    client: TestClient, database_url: str
+) -> None:
+    owner = make_account(client, "acme")
+    api_device(client, owner, **{"class": "lte-m", "id": "d1"})
+    off = client.post("/v1/devices/d1/deactivate", headers=bearer(owner)).json()
+    # An Inactive heartbeat an hour later repeats the state: it moves state_at and last seen
+    # (what ingest does), not when the state began.
+    with connect(database_url) as conn:
+        conn.execute(
+            "UPDATE devices SET state_at = state_at + interval '1 hour',"
+            " last_seen_at = state_at + interval '1 hour' WHERE id = 'd1'"
+        )
+    device = client.get("/v1/devices/d1", headers=bearer(owner)).json()
+    assert device["state_since"] == off["state_since"] == off["state_at"]
+    assert device["state_at"] != device["state_since"]
+    sign_in(client, owner)
+    page = assert_page(client.get("/console/devices/d1"))
+    since = re.search(r'<dd id="device-state-since">([^<]+)</dd>', page)
+    assert since is not None
+    seen = re.search(r"<dt>Last seen</dt><dd>([^<]+)</dd>", page)
+    assert seen is not None
+    assert since.group(1) != seen.group(1), "State since no longer repeats Last seen"
+    row = assert_page(client.get("/console/devices"))
+    assert f'datetime="{datetime.fromisoformat(off["state_since"]).isoformat()}"' in row
 
 
 def test_toggle_in_place_returns_the_new_row(client: TestClient, database_url: str) -> None:

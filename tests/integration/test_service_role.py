@@ -33,8 +33,10 @@ UPDATABLE = {
     "api_keys",
     "webhook_deliveries",
     "close_failures",
+    "console_sessions",
+    "idempotency_keys",
 }
-DELETABLE = {"close_failures"}
+DELETABLE = {"close_failures", "console_sessions", "idempotency_keys"}
 
 
 @pytest.fixture

@@ -157,22 +157,52 @@ def test_console_event_then_older_heartbeat_keeps_console_state(
     assert current(conn, "d1") == ("inactive", 50, 40)
 
 
-def test_a_repeated_deactivate_outlives_a_late_heartbeat_dated_before_it(
+def test_a_repeated_deactivate_records_nothing_and_a_heartbeat_before_it_stands(
     conn: psycopg.Connection[dict[str, object]],
 ) -> None:
     write_batch(conn, [hb("d1", 10, "inactive", 1)], [])
     with conn.transaction():
-        # Already inactive: changes nothing now, but is recorded.
-        set_device_state(
+        # Already inactive: changes nothing and, since issue 9, records nothing (one event per
+        # change, as the API documents).
+        device = set_device_state(
             conn, device_id="d1", state="inactive", at=T0 + timedelta(minutes=20), source="api"
         )
+    assert (device.state, device.state_since) == ("inactive", T0 + timedelta(minutes=10))
     write_batch(conn, [hb("c1", 15, "active", 2, reporter="g1"), hb("d1", 15, "active", 2)], [])
-    assert timeline(conn, "d1")[-3:] == [
+    # The trade-off (set_device_state's docstring): the device's own report, dated after its
+    # latest event, stands; the repeat, not on the timeline, does not overrule it.
+    assert timeline(conn, "d1")[-2:] == [
         (10, "inactive", "heartbeat"),
         (15, "active", "heartbeat"),
-        (20, "inactive", "api"),
     ]
-    assert current(conn, "d1")[:2] == ("inactive", 20)
+    assert current(conn, "d1")[:2] == ("active", 15)
+
+
+def test_state_since_is_the_last_change_not_the_latest_heartbeat(
+    conn: psycopg.Connection[dict[str, object]],
+) -> None:
+    def since(device_id: str) -> datetime:
+        row = conn.execute("SELECT state_since FROM devices WHERE id = %s", (device_id,)).fetchone()
+        assert row is not None
+        value = row["state_since"]
+        assert isinstance(value, datetime)
+        return value
+
+    registered = since("d1")
+    write_batch(conn, [hb("d1", 10, "active", 1), hb("d1", 20, "active", 2)], [])
+    assert since("d1") == registered, "Active heartbeats of an Active device change nothing"
+    write_batch(conn, [hb("d1", 30, "inactive", 3)], [])
+    assert since("d1") == T0 + timedelta(minutes=30)
+    write_batch(conn, [hb("d1", 40, "inactive", 4)], [])
+    assert since("d1") == T0 + timedelta(minutes=30)
+    with conn.transaction():
+        set_device_state(
+            conn, device_id="d1", state="active", at=T0 + timedelta(minutes=50), source="api"
+        )
+    assert since("d1") == T0 + timedelta(minutes=50)
+    # A late heartbeat, older than the latest event, does not move the current state or its start.
+    write_batch(conn, [hb("d1", 45, "inactive", 5)], [])
+    assert since("d1") == T0 + timedelta(minutes=50)
 
 
 def test_an_action_dated_before_an_unrecorded_heartbeat_moves_after_it(

@@ -510,18 +510,21 @@ class DevicePublisher:
         keys: Mapping[str, str],
         *,
         window: int = 1000,
-        max_connections: int = 1000,
+        max_connections: int = 4000,
         keepalive: int = 60,
         connect_timeout: float = 10.0,
     ) -> None:
         self.address = parse_mqtt_url(url)
         self.window = window
-        self.max_connections = max(1, max_connections)
+        # One socket per open connection: never more than the file limit allows (less a margin
+        # for the process's own files), or connections would fail with EMFILE mid-run.
+        self.max_connections = max(
+            1, min(max_connections, _raise_fd_limit(max_connections + 64) - 64)
+        )
         self._account = account_ref
         self._keys = dict(keys)
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
-        _raise_fd_limit(self.max_connections + 64)
         self._cond = threading.Condition()
         self._inbox: deque[tuple[str, bytes]] = deque()
         self._published = 0
@@ -827,18 +830,20 @@ class DevicePublisher:
             speaker.inflight = 0
 
 
-def _raise_fd_limit(wanted: int) -> None:
-    """One socket per open connection: raise the soft file limit (often 1024) toward the
-    hard one, which needs no privilege."""
+def _raise_fd_limit(wanted: int) -> int:
+    """Raise the soft file limit (often 1024) toward ``wanted``, up to the hard one (no
+    privilege needed); returns the soft limit in force."""
     try:
         import resource
     except ImportError:  # not on Windows
-        return
+        return wanted
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return wanted if soft == resource.RLIM_INFINITY else int(soft)
 
 
 AuthMode = Literal["device", "anonymous"]

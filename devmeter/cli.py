@@ -765,6 +765,25 @@ def _rate(value: str) -> float:
     help="Chance that a device changes state at each heartbeat.",
 )
 @click.option("--seed", type=int, help="Random seed, for a reproducible stream.")
+@click.option(
+    "--auth",
+    type=click.Choice(["auto", "device", "anonymous"]),
+    default="auto",
+    show_default=True,
+    help="device: each device (or gateway) connects as itself, username = client id = "
+    "<account>/<device>, its key as password; anonymous: one connection publishes for all "
+    "(brokers without authentication: tests, benchmarks); auto: device when the MQTT URL "
+    "names a user or the broker refuses an anonymous probe connection, else anonymous.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=4000,
+    show_default=True,
+    help="With --auth device: connections open at once (also capped by the open-file limit); "
+    "past it the least recently used idle one is closed, so a bigger fleet connects, publishes "
+    "and disconnects (one connection per message: about 5x slower).",
+)
 @reports_errors
 def simulate(
     devices: int,
@@ -779,23 +798,51 @@ def simulate(
     bad_share: float,
     flip_share: float,
     seed: int | None,
+    auth: str,
+    max_connections: int,
 ) -> None:
     """Publish realistic heartbeats for a simulated fleet (registers the devices first).
 
     \b
     Example: devmeter simulate --devices 1000 --gateways 10 --rate 500/s --duration 60
     Progress goes to stderr every second; a JSON summary to stdout at the end.
+
+    \b
+    Under device authentication (--auth) every direct device and every gateway publishes
+    over its own connection with its own key; bound devices travel in their gateway's
+    messages. The simulator knows the keys of the devices it registers; devices registered
+    by an earlier run get a new key (rotated, said on stderr), as it cannot know the old one.
+    Keys are never printed. Bad messages go out as the device they concern: a wrong topic is
+    refused by the broker (counted in refused_by_broker), an unknown device is reported as a
+    gateway's unknown child (or, without gateways, is refused at connection).
     """
     import secrets as _secrets
     import signal
     import threading
     import time
 
-    from ingest.simulate import Publisher, Traffic, ensure_account, ensure_fleet, run_traffic
+    from ingest.simulate import (
+        DevicePublisher,
+        Publisher,
+        Sink,
+        Traffic,
+        choose_auth,
+        ensure_account,
+        ensure_fleet,
+        run_traffic,
+        speaker_keys,
+        wait_admitted,
+    )
 
     rate = _rate(rate_text)
     config = settings()
     url = config.require_mqtt_url()
+    try:
+        mode = choose_auth(url, auth)
+    except ConnectionError as exc:
+        fail(str(exc), EXIT_FAILED)
+    keys: dict[str, str] = {}
+    rotated = 0
     with transaction(config) as conn:
         owner_key = ensure_account(conn, catalog(config), account_ref, _now())
         fleet, new = ensure_fleet(
@@ -811,7 +858,18 @@ def simulate(
             progress=lambda done, total: click.echo(
                 f"registering devices: {done}/{total}", err=True
             ),
+            keys=keys,
         )
+        if mode == "device":
+            rotated = speaker_keys(
+                conn,
+                fleet,
+                keys,
+                at=_now(),
+                progress=lambda done, total: click.echo(
+                    f"rotating device keys: {done}/{total}", err=True
+                ),
+            )
     if owner_key:
         click.echo(
             f"created account {account_ref!r}; its owner's API key (shown once, signs in to the "
@@ -821,14 +879,44 @@ def simulate(
     click.echo(
         f"fleet {prefix!r} of account {account_ref!r}: {devices} devices, {gateways} gateways "
         f"({new} newly registered); publishing to {url.split('@')[-1]} at "
-        + (f"{rate:g}/s" if rate else "full speed"),
+        + (f"{rate:g}/s" if rate else "full speed")
+        + (
+            " as the devices themselves (one connection each)"
+            if mode == "device"
+            else " over one anonymous connection"
+        ),
         err=True,
     )
-    traffic = Traffic(fleet, flip_share=flip_share, bad_share=bad_share, seed=seed)
+    if rotated:
+        click.echo(
+            f"rotated the keys of {rotated} devices registered by an earlier run (the simulator "
+            "publishes as them and cannot know their old keys); their previous keys no longer "
+            "work",
+            err=True,
+        )
+    publisher: Sink
+    try:
+        if mode == "device":
+            speakers = [*fleet.direct(), *fleet.gateways]
+            # Every key was issued in the transaction above: wait for the broker to know them.
+            waited = wait_admitted(url, account_ref, speakers[0], keys[speakers[0]])
+            if waited > 0.5:
+                click.echo(f"the broker admitted the new keys after {waited:.1f} s", err=True)
+            publisher = DevicePublisher(url, account_ref, keys, max_connections=max_connections)
+        else:
+            publisher = Publisher(url, client_id=f"devmeter-sim-{_secrets.token_hex(4)}")
+    except ConnectionError as exc:
+        fail(str(exc), EXIT_FAILED)
+    traffic = Traffic(
+        fleet,
+        flip_share=flip_share,
+        bad_share=bad_share,
+        seed=seed,
+        as_devices=mode == "device",
+    )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    publisher = Publisher(url, client_id=f"devmeter-sim-{_secrets.token_hex(4)}")
     started = time.monotonic()
 
     def report(sent: int, elapsed: float) -> None:
@@ -847,16 +935,31 @@ def simulate(
             stop=stop,
             progress=report,
         )
+    except (ConnectionError, TimeoutError) as exc:
+        fail(str(exc), EXIT_FAILED)
     finally:
         publisher.close()
     tally = traffic.tally
+    extra: dict[str, object] = {}
+    if isinstance(publisher, DevicePublisher):
+        extra = {
+            "connections": publisher.connections,
+            "refused_connections": publisher.refused_connections,
+            "keys_rotated": rotated,
+        }
     emit(
         {
             "account": account_ref,
             "devices": devices,
             "gateways": gateways,
+            "auth": mode,
             "messages": result.published,
+            # PUBACK success: the broker has them. Refusals (PUBACK >= 0x80, or a refused
+            # connection) are counted apart, by reason.
             "acknowledged": result.acked,
+            "refused_by_broker": dict(sorted(result.refused.items())),
+            "unconfirmed": result.unconfirmed,
+            **extra,
             "heartbeats": tally.heartbeats,
             "state_flips": tally.flips,
             "bad_messages": dict(sorted(tally.bad.items())),

@@ -41,6 +41,12 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 # --- runtime -------------------------------------------------------------------------------
 FROM python:3.11-slim
 
+# Mosquitto for `devmeter broker` (the compose file's broker service): devmeter renders its
+# password and ACL files and reloads it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends mosquitto \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 devmeter \
     && useradd --system --uid 10001 --gid devmeter --home-dir /var/lib/devmeter \
         --create-home --shell /usr/sbin/nologin devmeter

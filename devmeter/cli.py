@@ -381,6 +381,27 @@ def _device_json(device: Any) -> dict[str, object]:
     }
 
 
+@main.command()
+@click.option(
+    "--config",
+    "base_config",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Mosquitto configuration: listeners, TLS, persistence, limits (not authentication).",
+)
+@reports_errors
+def broker(base_config: Path) -> None:
+    """Run Mosquitto with devices' keys and topic rights from the database (production).
+
+    Devices connect with their own key and publish only their own topic; devmeter's ingest logs
+    in with the password in DEVMETER_MQTT_URL. A registration or key rotation reaches the broker
+    within about a second; Mosquitto is restarted if it dies. docs/protocol.md.
+    """
+    from devmeter.service import run_broker
+
+    run_broker(settings(), base_config)
+
+
 @main.group(invoke_without_command=True)
 @click.option("--client-id", help="MQTT client id (default: DEVMETER_INGEST_CLIENT_ID).")
 # For `devmeter up`, which runs the worker as its child: stop (committing and acknowledging

@@ -437,3 +437,128 @@ def _write_runtime(path: Path, values: dict[str, str]) -> None:
     tmp.write_text(json.dumps(values, indent=2))
     tmp.chmod(0o600)
     tmp.replace(path)
+
+
+class MosquittoProcess:
+    """Mosquitto run by `devmeter broker` in the foreground of its container (production)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    @classmethod
+    def start(cls, mosquitto: str, config_file: Path) -> MosquittoProcess:
+        proc = subprocess.Popen([mosquitto, "-c", str(config_file)], stdin=subprocess.DEVNULL)  # noqa: S603
+        _say(f"mosquitto started (pid {proc.pid}) with {config_file}")
+        return cls(proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def reload(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.alive():
+            # SIGTERM: Mosquitto saves its persistence database on the way out.
+            self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def broker_config(base: str, auth_dir: Path) -> str:
+    """The operator's Mosquitto configuration plus devmeter's authentication lines.
+
+    The operator's file holds listeners, TLS, persistence and limits; authentication is
+    devmeter's (docs/protocol.md), so the file must not set it itself.
+    """
+    from ingest.broker_auth import mosquitto_auth_lines
+
+    own = ("allow_anonymous", "password_file", "acl_file", "use_username_as_clientid", "plugin")
+    for number, line in enumerate(base.splitlines(), 1):
+        words = line.split()
+        if words and words[0] in (*own, "per_listener_settings"):
+            if words[0] == "per_listener_settings" and words[1:] == ["false"]:
+                continue
+            raise ConfigError(
+                f"the broker configuration sets {words[0]!r} (line {number}): devmeter broker "
+                "sets authentication itself; remove it"
+            )
+    lines = mosquitto_auth_lines(auth_dir)
+    return f"{base.rstrip()}\n\n# Added by `devmeter broker`: devices' keys and topic rights.\n" + (
+        "\n".join(lines) + "\n"
+    )
+
+
+def run_broker(config: Settings, base_config: Path) -> None:
+    """``devmeter broker``: Mosquitto with devices' keys and topic rights kept current from the
+    database, restarted if it dies; the production counterpart of `devmeter up`'s broker."""
+    import shutil
+
+    from ingest.broker_auth import INGEST_USERNAME, CredentialSync
+    from ingest.mqtt import parse_mqtt_url
+
+    address = parse_mqtt_url(config.require_mqtt_url())
+    if address.username != INGEST_USERNAME or not address.password:
+        raise ConfigError(
+            f"DEVMETER_MQTT_URL must carry the ingest login, mqtt://{INGEST_USERNAME}:"
+            "<password>@host:port: the broker admits devmeter's ingest with that password"
+        )
+    mosquitto = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    if mosquitto is None:
+        raise ConfigError("mosquitto is not installed (apt-get install mosquitto)")
+    data_dir = config.data_dir.resolve()
+    auth_dir = data_dir / "broker-auth"
+    config_file = data_dir / "mosquitto.conf"
+    try:
+        base = base_config.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {base_config}: {exc.strerror or exc}") from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(broker_config(base, auth_dir), encoding="utf-8")
+    owner = None
+    if os.geteuid() == 0:
+        # Started as root (not so in the image), Mosquitto drops to its own user, which must
+        # read the credential files and write its persistence under the data directory.
+        from devmeter.embedded import mosquitto_user
+        from devmeter.embedded._common import _allow_traversal, _chown_to
+
+        owner = mosquitto_user()
+        persistence = data_dir / "mosquitto"
+        persistence.mkdir(exist_ok=True)
+        _chown_to(persistence, owner)
+        auth_dir.mkdir(exist_ok=True)
+        _allow_traversal(auth_dir)
+        _allow_traversal(persistence)
+    else:
+        (data_dir / "mosquitto").mkdir(exist_ok=True)
+
+    def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
+        current: list[MosquittoProcess] = []
+        sync = CredentialSync(
+            config.service_database_url(),
+            auth_dir,
+            reload=lambda: current[-1].reload() if current else None,
+            ingest_password=address.password or "",
+            owner=owner,
+        )
+        sync.write()  # before Mosquitto starts: it must know the devices from its first second
+        supervisor = Supervisor()
+        stack.callback(supervisor.stop)
+
+        def start_mosquitto() -> MosquittoProcess:
+            process = MosquittoProcess.start(mosquitto, config_file)
+            current.append(process)
+            return process
+
+        supervisor.add("mosquitto", start_mosquitto)
+        supervisor.start()
+        thread = threading.Thread(target=sync.run, args=(stop,), name="broker-credentials")
+        thread.start()
+        stack.callback(thread.join, 10)
+        return lambda: True
+
+    _serve(start)

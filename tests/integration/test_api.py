@@ -684,3 +684,38 @@ def test_openapi_declares_how_each_operation_authenticates(client: TestClient) -
                 assert op["security"] == [{"ApiKey": []}], (method, path)
             else:
                 assert "security" not in op, (method, path)
+
+
+def test_two_accounts_each_have_their_own_pump_1(client: TestClient) -> None:
+    """D1a: ids are unique per account; a registration never collides with another account's
+    device, and nothing in either account's answers reveals the other's."""
+    a, b = make_account(client, "alpha"), make_account(client, "beta")
+    ra = client.post("/v1/devices", json={"class": "lte-m", "id": "pump-1"}, headers=bearer(a))
+    rb = client.post("/v1/devices", json={"class": "wifi", "id": "pump-1"}, headers=bearer(b))
+    assert (ra.status_code, rb.status_code) == (201, 201), (ra.text, rb.text)
+    # Each gets its own key and MQTT identity: the account is part of it.
+    assert ra.json()["key"] != rb.json()["key"]
+    assert ra.json()["mqtt"]["username"] == "alpha/pump-1"
+    assert rb.json()["mqtt"]["topic"] == "devmeter/v2/beta/pump-1/heartbeat"
+    assert ra.json()["mqtt"]["password"] == ra.json()["key"]
+    # A second pump-1 in the same account is a conflict naming only that account.
+    again = client.post("/v1/devices", json={"class": "lte-m", "id": "pump-1"}, headers=bearer(a))
+    body = assert_problem(again, 409, "id")
+    assert "beta" not in again.text
+    assert "alpha" in body["detail"]
+    # Each account acts on its own pump-1 only.
+    assert client.post("/v1/devices/pump-1/deactivate", headers=bearer(a)).status_code == 200
+    assert client.get("/v1/devices/pump-1", headers=bearer(a)).json()["state"] == "inactive"
+    mine = client.get("/v1/devices/pump-1", headers=bearer(b)).json()
+    assert (mine["state"], mine["class"]) == ("active", "wifi")
+    # Rotating one account's key leaves the other's alone.
+    rotated = client.post("/v1/devices/pump-1/rotate-key", headers=bearer(b))
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.headers["cache-control"] == "no-store"
+    assert rotated.json()["key"] not in (rb.json()["key"], ra.json()["key"])
+    assert (
+        client.get("/v1/devices/pump-1", headers=bearer(a)).json()["key_prefix"]
+        == (ra.json()["key_prefix"])
+    )
+    events_a = client.get("/v1/devices/pump-1/events", headers=bearer(a)).json()
+    assert [e["state"] for e in events_a] == ["active", "inactive"]

@@ -369,3 +369,36 @@ def test_nul_characters_are_refused_not_a_server_error(database_url: str) -> Non
             search_devices(conn, 1, text="\x00")
         with pytest.raises(NotFoundError):
             get_device(conn, "d\x00", 1)
+
+
+def test_a_device_id_in_two_accounts_needs_its_account(cli: Cli) -> None:
+    _create_acme(cli)
+    other = cli(
+        "accounts", "create", "--ref", "beta", "--name", "Beta", "--plan", "standard",
+        "--country", "JP",
+    )  # fmt: skip
+    assert other.code == 0, other.stderr
+    for ref in ("acme", "beta"):
+        made = cli("devices", "register", "--account", ref, "--class", "lte-m", "--id", "pump-1")
+        assert made.code == 0, made.stderr
+        assert made.json()["mqtt"]["username"] == f"{ref}/pump-1"  # type: ignore[index]
+    ambiguous = cli("devices", "set-state", "--device", "pump-1", "--state", "inactive")
+    assert ambiguous.code == 2
+    assert "more than one account" in ambiguous.stderr
+    assert ambiguous.stderr.count("\n") == 1
+    done = cli(
+        "devices", "set-state", "--device", "pump-1", "--account", "beta", "--state", "inactive"
+    )
+    assert done.code == 0, done.stderr
+    states = {
+        ref: cli("devices", "list", "--account", ref).json()["devices"][0]["state"]  # type: ignore[index]
+        for ref in ("acme", "beta")
+    }
+    assert states == {"acme": "active", "beta": "inactive"}
+    rotated = cli("devices", "rotate-key", "--device", "pump-1", "--account", "acme")
+    assert rotated.code == 0, rotated.stderr
+    assert rotated.json()["key"].startswith("dmk_")  # type: ignore[index]
+    assert "dmk_" not in rotated.stderr
+    unknown = cli("devices", "rotate-key", "--device", "nope")
+    assert unknown.code == 2
+    assert "unknown device" in unknown.stderr

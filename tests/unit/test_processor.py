@@ -223,3 +223,30 @@ def test_details_hold_no_nul_and_an_unforeseen_error_is_quarantined(
     assert isinstance(result, Rejection)
     assert result.reason == Reason.SCHEMA
     assert result.detail == "unprocessable: RuntimeError: a bug"
+
+
+def test_a_topic_names_its_account_so_ids_may_repeat_across_accounts() -> None:
+    # d1 exists in acme only: the same id under another account is another device.
+    rejected = process(device_topic("beta", "d1"), _payload(), RECEIVED, DIRECTORY)
+    assert isinstance(rejected, Rejection)
+    assert rejected.reason == Reason.UNKNOWN_DEVICE
+    assert (rejected.account_id, rejected.device_id) == (None, None)
+    both = {**DIRECTORY, ("beta", "d1"): DeviceInfo(8, "wifi", None, REGISTERED)}
+    beats = process(device_topic("beta", "d1"), _payload(), RECEIVED, both)
+    assert isinstance(beats, list)
+    assert [(b.account_id, b.device_class) for b in beats] == [(8, "wifi")]
+
+
+def test_a_rejection_about_a_known_device_names_its_account() -> None:
+    rejected = process(device_topic("acme", "d1"), b"{nope", RECEIVED, DIRECTORY)
+    assert isinstance(rejected, Rejection)
+    assert (rejected.reason, rejected.account_id, rejected.device_id) == (
+        Reason.MALFORMED_JSON,
+        7,
+        "d1",
+    )
+    # A gateway naming an unbound child: the rejection is about the gateway.
+    payload = _payload(devices=[{"id": "c9", "state": "active"}])
+    rejected = process(gateway_topic("acme", "g1"), payload, RECEIVED, DIRECTORY)
+    assert isinstance(rejected, Rejection)
+    assert (rejected.reason, rejected.device_id) == (Reason.NOT_BOUND, "g1")

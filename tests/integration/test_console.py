@@ -266,7 +266,13 @@ def test_sessions_end_when_idle_or_old_and_with_their_key(
 
 
 def _behind(client: TestClient, peer: str, **settings: Any) -> TestClient:
-    settings = {"admin_token": "op-token-for-tests", "env": "test", **settings}
+    # Production requires the service role's password; the test database trusts it anyway.
+    settings = {
+        "admin_token": "op-token-for-tests",
+        "env": "test",
+        "service_password": "service-password-for-tests",
+        **settings,
+    }
     config = Settings(**settings)
     app = create_app(config, database_url=client.app.state.devmeter.database_url)  # type: ignore[attr-defined]
     return TestClient(app, follow_redirects=False, client=(peer, 40000))

@@ -186,11 +186,12 @@ def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(
 
 @pytest.mark.usefixtures("fleet")
 def test_database_cut_off_mid_stream_recovers_by_itself(
-    database_url: str, mqtt_url: str, uid: str, worker: WorkerProcess
+    database_url: str, owner_database_url: str, mqtt_url: str, uid: str, worker: WorkerProcess
 ) -> None:
     total = 8_000
     dbname = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    admin = psycopg.conninfo.make_conninfo(database_url, dbname="postgres")
+    # Closing a database to connections takes its owner; the worker is the service role.
+    admin = psycopg.conninfo.make_conninfo(owner_database_url, dbname="postgres")
     stream = Stream(mqtt_url, uid, total, lambda: stored(database_url))
     stream.start()
     poll(lambda: stored(database_url) >= 1_000, 120, "1,000 heartbeats before the outage")

@@ -12,9 +12,8 @@ from psycopg_pool import ConnectionPool
 from starlette.middleware.base import RequestResponseEndpoint
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from api import docs, problems
+from api import docs, metrics, problems
 from api.deps import AppState, json_body
-from api.metrics import measure
 from api.routes import admin, devices, health, members, rejections, usage
 from devmeter.config import Settings
 from devmeter.db import APPLICATION_NAME
@@ -61,7 +60,9 @@ def create_app(
             timeout=5,
         )
         pool.open(wait=False)
-        app.state.devmeter = AppState(config, catalog, pool, url, broker)
+        app.state.devmeter = AppState(
+            config, catalog, pool, url, broker, metrics.database_registry(pool)
+        )
         try:
             yield
         finally:
@@ -81,7 +82,7 @@ def create_app(
     )
     problems.install(app)
     docs.install(app)
-    app.middleware("http")(measure)
+    app.middleware("http")(metrics.measure)
     if config.env == "production":
         app.middleware("http")(_strict_transport_security)
     # Added last, so outermost: everything inside sees the client's scheme and address. Only

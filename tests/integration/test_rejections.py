@@ -1,5 +1,5 @@
 """Refused heartbeats are visible (issue 9, part 6): GET /v1/rejections, the module behind it,
-`devmeter rejections list` against a real PostgreSQL."""
+`devmeter rejections list` and the /metrics counter, against a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -239,6 +239,29 @@ def test_the_module_lists_the_operators_unattributed_rows(
         only = list_rejections(conn, "unattributed", RejectionFilter(reason="bad_topic"))
         assert [r.payload for r in only.items] == ["x"]
         assert list_rejections(conn, account_id(database_url, "alpha")).items == []
+
+
+def test_metrics_count_rejections_from_the_database(client: TestClient, database_url: str) -> None:
+    make_account(client, "alpha")
+    client.post(
+        "/v1/devices",
+        json={"class": "lte-m", "id": "d1"},
+        headers=bearer(make_account(client, "beta")),
+    )
+    reject(
+        database_url,
+        ("beta", "d1", Reason.TS_IN_FUTURE, b"{}", T0),
+        ("beta", "d1", Reason.TS_IN_FUTURE, b"{}", T0),
+        (None, None, Reason.BAD_TOPIC, b"{}", T0),
+    )
+    text = client.get("/metrics").text
+    assert "# TYPE devmeter_rejected_heartbeats_total counter" in text
+    assert 'devmeter_rejected_heartbeats_total{reason="ts_in_future"} 2.0' in text
+    assert 'devmeter_rejected_heartbeats_total{reason="bad_topic"} 1.0' in text
+    # Every reason is there from the start, so a rate works from the first refusal.
+    assert 'devmeter_rejected_heartbeats_total{reason="not_bound"} 0.0' in text
+    # The API's own metrics are still there.
+    assert "devmeter_api_requests_total" in text
 
 
 def test_the_cli_lists_an_accounts_rejections(cli: Cli, owner_database_url: str) -> None:

@@ -12,7 +12,7 @@ PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 def test_every_reason_is_explained() -> None:
     assert set(REASON_HELP) == set(Reason)
-    assert REASONS == tuple(r.value for r in Reason)
+    assert tuple(r.value for r in Reason) == REASONS
     table = PROTOCOL.read_text(encoding="utf-8")
     for reason in Reason:
         assert f"| `{reason.value}` |" in table, reason

@@ -12,10 +12,9 @@ from psycopg_pool import ConnectionPool
 from starlette.middleware.base import RequestResponseEndpoint
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from api import docs, problems
+from api import docs, metrics, problems
 from api.deps import AppState, json_body
-from api.metrics import measure
-from api.routes import admin, devices, health, members, usage
+from api.routes import admin, devices, health, members, rejections, usage
 from devmeter.config import Settings
 from devmeter.db import APPLICATION_NAME
 from metering.catalog import load_catalog
@@ -61,7 +60,9 @@ def create_app(
             timeout=5,
         )
         pool.open(wait=False)
-        app.state.devmeter = AppState(config, catalog, pool, url, broker)
+        app.state.devmeter = AppState(
+            config, catalog, pool, url, broker, metrics.database_registry(pool)
+        )
         try:
             yield
         finally:
@@ -81,14 +82,14 @@ def create_app(
     )
     problems.install(app)
     docs.install(app)
-    app.middleware("http")(measure)
+    app.middleware("http")(metrics.measure)
     if config.env == "production":
         app.middleware("http")(_strict_transport_security)
     # Added last, so outermost: everything inside sees the client's scheme and address. Only
     # the proxies the deployment names are believed; anybody else could claim to be HTTPS.
     # (serve_in_thread turns uvicorn's own copy of this middleware off.)
     app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxy_list)
-    for module in (devices, usage, members, admin, health):
+    for module in (devices, usage, rejections, members, admin, health):
         app.include_router(module.router, dependencies=[Depends(json_body)])
     if console:
         from console.app import mount

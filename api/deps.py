@@ -11,6 +11,7 @@ import psycopg
 from fastapi import Depends, Request, Security
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
 
 from devmeter.config import Settings
@@ -28,6 +29,8 @@ class AppState:
     pool: ConnectionPool[Any]
     database_url: str
     mqtt_url: str | None
+    #: Metrics read from this app's database at scrape time (api/metrics.py).
+    database_metrics: CollectorRegistry
 
 
 def state(request: Request) -> AppState:

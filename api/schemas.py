@@ -6,7 +6,9 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+
+from ingest.processor import Reason
 
 State = Literal["active", "inactive"]
 
@@ -26,6 +28,19 @@ def _full_date(value: object) -> object:
 
 
 InputDate = Annotated[date, BeforeValidator(_full_date)]
+
+
+def _rfc3339(value: object) -> object:
+    # As _full_date: left alone, pydantic would read a number ("0.5") as a Unix timestamp.
+    if isinstance(value, datetime) or (
+        isinstance(value, str)
+        and re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}", value)
+    ):
+        return value
+    raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-10-01T00:00:00Z")
+
+
+InputInstant = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 
 
 class DeviceIn(BaseModel):
@@ -261,3 +276,35 @@ class CloseOut(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class RejectionOut(BaseModel):
+    id: int
+    received_at: datetime = Field(description="when the ingest worker received the message")
+    topic: str = Field(description="the MQTT topic it was published on")
+    reason: Reason = Field(description="why it was refused (docs/protocol.md, What is refused)")
+    detail: str = Field(description="what exactly was wrong, e.g. the field at fault")
+    device_id: str | None = Field(description="the device the topic names")
+    payload: str = Field(
+        description="the stored payload (its first 4 KiB): text when it is UTF-8, else base64"
+    )
+    payload_encoding: Literal["utf-8", "base64"] = Field(description="how `payload` is written")
+    payload_bytes: int = Field(description="how many bytes of the payload were stored")
+    payload_truncated: bool = Field(
+        description="the stored payload is the full 4 KiB: what followed was cut"
+    )
+
+
+class RejectionsPage(BaseModel):
+    items: list[RejectionOut]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next (older) page; null at the end"
+    )
+    summary: dict[str, int] = Field(
+        description="rejections per reason in the window (device_id, since, until; whatever "
+        "the reason filter), reasons with none left out"
+    )
+    summary_complete: bool = Field(
+        description="false when the window holds more than 10,000 rejections: the summary "
+        "then counts the newest 10,000"
+    )

@@ -39,6 +39,7 @@ from console.views import (
 from devmeter.config import Settings
 from devmeter.errors import DevmeterError, InvalidError
 from ingest.protocol import connection, mosquitto_pub_command
+from ingest.rejections import REASON_HELP, REASONS, RejectionFilter, list_rejections
 from metering.access import Principal, authenticate
 from metering.catalog import Catalog, Plan
 from metering.daily import daily_usage, load_events
@@ -778,6 +779,53 @@ def _whatifs(conn: Conn, principal: Principal, plan: Plan | None) -> list[WhatIf
         WhatIfView(cls, what_if(cls, pricing, counts.get(cls, 0), plan.currency))
         for cls, pricing in sorted(plan.classes.items())
     ]
+
+
+# --- rejected heartbeats ------------------------------------------------------------------
+
+
+@router.get("/rejections")
+def rejections_page(
+    conn: DB,
+    session: Signed,
+    reason: str = "",
+    device: str = "",
+    after: str = "",
+) -> Response:
+    """What the ingest worker refused about this account's devices (its publisher still got
+    a PUBACK, so this is where a developer finds out). Bad filters are dropped, not refused:
+    a hand-edited URL still gets the page."""
+    principal = session.principal
+    chosen = RejectionFilter(
+        reason=reason if reason in REASONS else None,
+        device_id=device.strip() if DEVICE_ID.fullmatch(device.strip()) else None,
+    )
+    params = {"reason": chosen.reason or "", "device": chosen.device_id or ""}
+    try:
+        page = list_rejections(
+            conn, principal.account_id, chosen, cursor=after or None, limit=PAGE_SIZE
+        )
+    except DevmeterError:
+        # A cursor that is not one of ours: start from the newest.
+        return redirect(_rejections_url(params))
+    return render(
+        "rejections.html",
+        session,
+        section="rejections",
+        title="Rejected heartbeats",
+        page=page,
+        filters=params,
+        filtered=bool(chosen.reason or chosen.device_id),
+        reasons=REASONS,
+        reason_help=REASON_HELP,
+        next_url=_rejections_url(params, after=page.next_cursor) if page.next_cursor else "",
+        first_url=_rejections_url(params) if after else "",
+    )
+
+
+def _rejections_url(params: dict[str, str], **extra: str) -> str:
+    query = urlencode({k: v for k, v in {**params, **extra}.items() if v})
+    return "/console/rejections" + (f"?{query}" if query else "")
 
 
 # --- statements --------------------------------------------------------------------------

@@ -425,16 +425,20 @@ def ingest(ctx: click.Context, client_id: str | None, stop_on_stdin_eof: bool) -
 
 
 def _parse_since(value: str) -> datetime:
+    return _parse_instant("--since", value)
+
+
+def _parse_instant(option: str, value: str) -> datetime:
     from devmeter.errors import InvalidError
 
     try:
-        since = datetime.fromisoformat(value)
+        at = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidError(
-            f"--since: {value!r} is not an ISO date or date-time", field="since"
+            f"{option}: {value!r} is not an ISO date or date-time", field=option.lstrip("-")
         ) from None
     # A bare date or a time without an offset is read in UTC, like the default.
-    return since if since.tzinfo else since.replace(tzinfo=UTC)
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 @ingest.command()
@@ -460,6 +464,69 @@ def gaps(account_ref: str, since: str | None) -> None:
             "since": start,
             "missing": sum(g.missing for g in found),
             "devices": found,
+        }
+    )
+
+
+@main.group()
+def rejections() -> None:
+    """Heartbeats the ingest worker refused (the quarantine): why, and what was sent."""
+
+
+@rejections.command("list")
+@click.option("--account", "account_ref", help="Account ref: rejections about its devices.")
+@click.option(
+    "--unattributed",
+    is_flag=True,
+    help="Instead of an account's: rejections whose topic names no registered device "
+    "(unknown topics and devices), which belong to no account.",
+)
+@click.option("--reason", help="Only this reason (docs/protocol.md, What is refused).")
+@click.option("--device", "device_id", help="Only this device of the account.")
+@click.option(
+    "--since", metavar="ISO", help="Received at or after (date or date-time; no offset: UTC)."
+)
+@click.option("--until", metavar="ISO", help="Received before (date or date-time; no offset: UTC).")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many (1-500).")
+@click.option("--cursor", help="The next_cursor of the previous page: older rejections.")
+@reports_errors
+def rejections_list(
+    account_ref: str | None,
+    unattributed: bool,
+    reason: str | None,
+    device_id: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    cursor: str | None,
+) -> None:
+    """Refused heartbeats, newest first, with a count per reason over the same window.
+
+    Payloads are text when they are UTF-8, else base64 (payload_encoding), cut at 4 KiB
+    (payload_truncated).
+    """
+    from devmeter.errors import InvalidError
+    from ingest.rejections import UNATTRIBUTED, RejectionFilter, Scope, list_rejections
+    from metering.registry import get_account
+
+    if (account_ref is None) == (not unattributed):
+        raise InvalidError("give --account REF or --unattributed (one of them)", field="account")
+    filters = RejectionFilter(
+        reason=reason,
+        device_id=device_id,
+        since=_parse_since(since) if since else None,
+        until=_parse_instant("--until", until) if until else None,
+    )
+    with transaction(settings()) as conn:
+        scope: Scope = UNATTRIBUTED if account_ref is None else get_account(conn, account_ref).id
+        page = list_rejections(conn, scope, filters, cursor=cursor, limit=limit)
+    emit(
+        {
+            "account": account_ref,
+            "items": page.items,
+            "next_cursor": page.next_cursor,
+            "summary": page.summary,
+            "summary_complete": page.summary_complete,
         }
     )
 

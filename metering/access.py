@@ -22,11 +22,14 @@ Role = Literal["owner", "manager", "developer"]
 ROLES: Final = ("owner", "manager", "developer")
 
 #: What each role may do (A1). Developers manage devices; managers and the owner see usage and
-#: statements; only the owner manages members (and, later, the plan and payment method).
+#: statements; every role sees its account's refused heartbeats; only the owner manages
+#: members (and, later, the plan and payment method).
 PERMISSIONS: Final[dict[str, frozenset[Role]]] = {
     "devices:read": frozenset({"owner", "manager", "developer"}),
     "devices:write": frozenset({"owner", "developer"}),
     "usage:read": frozenset({"owner", "manager", "developer"}),
+    # Developers above all: they are who debug a device's payloads.
+    "rejections:read": frozenset({"owner", "manager", "developer"}),
     "statements:read": frozenset({"owner", "manager"}),
     "members:read": frozenset({"owner", "manager"}),
     "members:write": frozenset({"owner"}),

@@ -55,7 +55,9 @@ def readyz(app: State) -> JSONResponse:
     responses={
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}
     },
-    summary="Prometheus metrics of the API",
+    summary="Prometheus metrics of the API, and heartbeats refused by ingest (by reason)",
 )
-def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def metrics(app: State) -> Response:
+    # Two registries, two exposition blocks: the text format allows families in any order.
+    body = generate_latest(REGISTRY) + generate_latest(app.database_metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

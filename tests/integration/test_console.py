@@ -374,6 +374,7 @@ def test_unauthenticated_pages_redirect_to_sign_in(client: TestClient, database_
         "/console/devices/d1",
         "/console/new-device",
         "/console/usage",
+        "/console/rejections",
         "/console/statements",
         "/console/statements/2026-10",
     ):
@@ -883,6 +884,81 @@ def test_statements_are_for_managers_and_the_owner(client: TestClient, database_
         preliminary = assert_page(c.get("/console/statements/2026-11"))
         assert 'data-testid="preliminary-badge"' in preliminary
         assert_page(c.get("/console/statements/2099-01"), 422)
+
+
+def test_rejected_heartbeats_page(client: TestClient, database_url: str) -> None:
+    from datetime import UTC, timedelta
+
+    from ingest.processor import Reason
+    from tests.integration.test_rejections import reject
+
+    owner = make_account(client, "acme")
+    other = make_account(client, "beta")
+    for key in (owner, other):
+        api_device(client, key, **{"class": "lte-m", "id": "pump-1"})
+    api_device(client, owner, **{"class": "lte-m", "id": "pump-2"})
+    _, _, developer = add_member(client, owner, "developer")
+    sign_in(client, developer)
+
+    empty = assert_page(client.get("/console/rejections"))
+    assert 'id="nav-rejections" href="/console/rejections" aria-current="page"' in empty
+    assert 'id="no-rejections"' in empty
+    assert "it lands here with the reason" in empty
+    assert "docs/protocol.md" in empty
+    assert 'id="reason-before_registration"' in empty
+
+    t0 = datetime(2026, 10, 5, 0, 0, tzinfo=UTC)  # 09:00 in Tokyo, the account's zone
+    rows = [
+        ("acme", "pump-1", Reason.SCHEMA, f'{{"state": "{XSS}"}}'.encode(), t0),
+        ("acme", "pump-2", Reason.MALFORMED_JSON, b"\xff\xfe", t0 + timedelta(minutes=1)),
+        ("beta", "pump-1", Reason.TS_IN_FUTURE, b"beta's own", t0 + timedelta(minutes=2)),
+    ]
+    rows += [
+        ("acme", "pump-2", Reason.TS_IN_FUTURE, b"{}", t0 + timedelta(minutes=10 + n))
+        for n in range(26)
+    ]
+    reject(database_url, *rows)
+
+    page = assert_page(client.get("/console/rejections"))
+    assert XSS not in page
+    assert "beta's own" not in page
+    assert page.count('data-reason="') == 25
+    assert 'id="next-page"' in page
+    assert "2026-10-05 09:35:00 JST" in page
+    assert 'id="rejection-summary"' in page
+    older = assert_page(client.get(html.unescape(_href(page, "next-page"))))
+    assert str(escape(f'{{"state": "{XSS}"}}')) in older
+    assert "not UTF-8: shown as base64" in older
+    assert "2026-10-05 09:00:00 JST" in older
+    assert 'id="first-page"' in older
+
+    one = assert_page(client.get("/console/rejections?device=pump-1"))
+    assert one.count('data-reason="') == 1
+    assert 'data-reason="schema"' in one
+    assert "beta's own" not in one
+    mine = assert_page(client.get("/console/rejections?reason=malformed_json"))
+    assert mine.count('data-reason="') == 1
+    assert '<option value="malformed_json" selected>' in mine
+    none = assert_page(client.get("/console/rejections?reason=not_bound"))
+    assert "No rejected heartbeats match these filters." in none
+    # Filters and cursors that are not ours do not break the page.
+    assert (
+        assert_page(client.get("/console/rejections?reason=%3Cb%3E&device=a%00b")).count(
+            'data-reason="'
+        )
+        == 25
+    )
+    r = client.get("/console/rejections?after=nope&reason=schema")
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/rejections?reason=schema"
+    # Every role sees the page; signed out, it asks to sign in.
+    assert browser(client).get("/console/rejections").status_code == 303
+
+
+def _href(page: str, element_id: str) -> str:
+    match = re.search(f'id="{element_id}" href="([^"]+)"', page)
+    assert match, element_id
+    return match.group(1)
 
 
 def test_static_files_and_unknown_pages(client: TestClient) -> None:

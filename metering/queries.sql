@@ -67,7 +67,8 @@ WHERE account_id = %(account_id)s AND id = %(id)s;
 INSERT INTO device_credentials (account_id, device_id, broker_hash, key_issued_at)
 VALUES (%(account_id)s, %(id)s, %(broker_hash)s, %(at)s)
 ON CONFLICT (account_id, device_id)
-DO UPDATE SET broker_hash = EXCLUDED.broker_hash, key_issued_at = EXCLUDED.key_issued_at;
+DO UPDATE SET broker_hash = EXCLUDED.broker_hash, key_issued_at = EXCLUDED.key_issued_at,
+              written_xact = pg_current_xact_id();
 
 -- name: select_devices_of_account
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,

@@ -29,9 +29,13 @@ CREATE TABLE device_credentials (
         CHECK (broker_hash ~ '^\$7\$[0-9]+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$'),
     -- When the key last changed (registration or rotation).
     key_issued_at  timestamptz NOT NULL,
+    -- The transaction that wrote the row: the broker sync reads only rows written since its
+    -- last read (by transactions at or after that read's oldest running one), not the fleet.
+    written_xact   xid8 NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (account_id, device_id),
     FOREIGN KEY (account_id, device_id) REFERENCES devices (account_id, id)
 );
+CREATE INDEX device_credentials_written ON device_credentials (written_xact);
 
 -- Redelivered heartbeats are recognised per account now that ids repeat across accounts.
 DROP INDEX heartbeats_dedup;
@@ -55,7 +59,8 @@ SELECT a.ref || '/' || d.id AS username,
        c.broker_hash AS password_hash,
        a.ref AS account_ref,
        d.id AS device_id,
-       d.device_class = 'gateway' AS is_gateway
+       d.device_class = 'gateway' AS is_gateway,
+       c.written_xact
 FROM device_credentials c
 JOIN devices d ON d.account_id = c.account_id AND d.id = c.device_id
 JOIN accounts a ON a.id = d.account_id;

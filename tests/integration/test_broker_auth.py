@@ -321,3 +321,31 @@ def _acme(conn: psycopg.Connection[dict[str, object]]) -> int:
     row = conn.execute("SELECT id FROM accounts WHERE ref = 'acme'").fetchone()
     assert row is not None
     return int(str(row["id"]))
+
+
+def test_an_incremental_sync_misses_no_transaction_that_commits_late(
+    database_url: str, fleet: Fleet, tmp_path: Path
+) -> None:
+    """A registration still uncommitted while the sync reads is picked up by the next read,
+    although a younger one was already seen (the read goes back to the oldest running one)."""
+    assert fleet.keys
+    sync = CredentialSync(
+        database_url, tmp_path / "auth", reload=lambda: None, ingest_password=INGEST_PASSWORD
+    )
+    sync.write()
+    catalog = load_catalog()
+    with connect(database_url) as slow:
+        register_device(
+            slow, catalog, account_ref="acme", device_class="lte-m", device_id="slow",
+            at=datetime.now(UTC),
+        )  # fmt: skip
+        _register(database_url, "acme", "quick", "lte-m")  # committed meanwhile
+        assert sync.write(full=False)
+        text = sync.password_file.read_text()
+        assert "acme/quick:" in text
+        assert "acme/slow:" not in text
+        slow.commit()
+    assert sync.write(full=False)
+    assert "acme/slow:" in sync.password_file.read_text()
+    # Nothing new: nothing written, so the broker would not be reloaded.
+    assert not sync.write(full=False)

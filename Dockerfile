@@ -43,9 +43,13 @@ FROM python:3.11-slim
 
 # Mosquitto for `devmeter broker` (the compose file's broker service): devmeter renders its
 # password and ACL files and reloads it.
+COPY ingest/broker_guard/devmeter_guard.c /tmp/devmeter_guard.c
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends mosquitto \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends mosquitto gcc libc6-dev mosquitto-dev libmosquitto-dev \
+    && mkdir -p /usr/local/lib/devmeter \
+    && cc -shared -fPIC -O2 -Wall -Werror -o /usr/local/lib/devmeter/devmeter_guard.so /tmp/devmeter_guard.c \
+    && apt-get purge -y --auto-remove gcc libc6-dev mosquitto-dev libmosquitto-dev \
+    && rm -rf /var/lib/apt/lists/* /tmp/devmeter_guard.c
 
 RUN groupadd --system --gid 10001 devmeter \
     && useradd --system --uid 10001 --gid devmeter --home-dir /var/lib/devmeter \

@@ -63,9 +63,27 @@ class Credential:
     is_gateway: bool
 
 
-def mosquitto_auth_lines(directory: Path) -> list[str]:
+#: Where the subscribe guard (ingest/broker_guard/devmeter_guard.c) is looked for: built by
+#: ./dev into .tools/, by the Dockerfile into /usr/local/lib/devmeter/.
+GUARD_ENV = "DEVMETER_MOSQUITTO_GUARD"
+_GUARD_PATHS = (
+    Path(__file__).resolve().parent.parent / ".tools" / "devmeter_guard.so",
+    Path("/usr/local/lib/devmeter/devmeter_guard.so"),
+)
+
+
+def guard_plugin() -> Path | None:
+    """The built subscribe guard, or None (then subscriptions are granted but deliver
+    nothing: the ACL file gives devices no read rights)."""
+    named = os.environ.get(GUARD_ENV)
+    if named:
+        return Path(named) if Path(named).is_file() else None
+    return next((p for p in _GUARD_PATHS if p.is_file()), None)
+
+
+def mosquitto_auth_lines(directory: Path, reader: str = INGEST_USERNAME) -> list[str]:
     """The lines of mosquitto.conf that turn authentication and topic rights on."""
-    return [
+    lines = [
         # No anonymous clients: a heartbeat without a device key would be billed.
         "allow_anonymous false",
         f"password_file {directory / PASSWORD_FILE}",
@@ -74,6 +92,18 @@ def mosquitto_auth_lines(directory: Path) -> list[str]:
         # (ingest's persistent session included) by connecting under its client id.
         "use_username_as_clientid true",
     ]
+    guard = guard_plugin()
+    if guard is None:
+        log.warning(
+            "Mosquitto subscribe guard not built (%s): devices' subscriptions are granted "
+            "but deliver nothing",
+            _GUARD_PATHS[0],
+        )
+    else:
+        # Refuses every SUBSCRIBE but the reader's at SUBACK (Mosquitto 2.0's acl_file
+        # checks reads only on delivery).
+        lines += [f"plugin {guard}", f"plugin_opt_reader {reader}"]
+    return lines
 
 
 def render_password_file(credentials: Iterable[Credential], services: dict[str, str]) -> str:

@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from devmeter.db import connect
 from devmeter.embedded import EmbeddedBroker, mosquitto_user, start_broker
-from ingest.broker_auth import INGEST_USERNAME, CredentialSync
+from ingest.broker_auth import INGEST_USERNAME, CredentialSync, guard_plugin
 from ingest.protocol import device_topic, gateway_topic, mqtt_username
 from metering.catalog import load_catalog
 from metering.registry import create_account, register_device, rotate_device_key
@@ -272,7 +272,10 @@ def test_devices_read_nothing_and_steal_nothing(
     reader = clients(auth_broker, INGEST_USERNAME, INGEST_PASSWORD)
     reader.subscribe("devmeter/#")
     thief = clients(auth_broker, "acme/c1", fleet.keys["acme/c1"])
-    thief.subscribe(topic)
+    granted = thief.subscribe(topic)
+    if guard_plugin() is not None:
+        # The subscribe guard refuses it at SUBACK (not authorized).
+        assert [rc.value for rc in granted] == [0x87]
     pump = clients(auth_broker, "acme/pump-1", fleet.keys["acme/pump-1"])
     own = device_topic("acme", "pump-1")
     for i in range(20):

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg.conninfo import conninfo_to_dict
 
+from devmeter.embedded.broker import AUTOSAVE_INTERVAL_S
 from ingest.processor import device_topic
 from tests.conftest import Cli
 from tests.integration.test_cli_registry import _create_acme
@@ -212,6 +214,16 @@ def test_up_restarts_a_killed_broker_and_a_killed_worker(cli: Cli, tmp_path: Pat
         assert device.code == 0, device.stderr
         mqtt_info = device.json()["mqtt"]  # type: ignore[index]
 
+        # A SIGKILL keeps only what Mosquitto saved (every AUTOSAVE_INTERVAL_S): wait for a
+        # save made after the worker subscribed, so its session survives.
+        poll(lambda: "granted" in log_path.read_text(), 30, "the worker to subscribe")
+        database = tmp_path / "data" / "broker" / "mosquitto" / "mosquitto.db"
+        after_subscribed = time.time()
+        poll(
+            lambda: database.exists() and database.stat().st_mtime > after_subscribed,
+            AUTOSAVE_INTERVAL_S + 10,
+            "the broker to save the worker's session",
+        )
         os.kill(int(broker.group(2)), signal.SIGKILL)
         poll(lambda: "embedded MQTT broker restarted" in log_path.read_text(), 30, "broker back")
         assert f"running on port {port}, pid" in log_path.read_text()

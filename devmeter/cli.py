@@ -474,12 +474,16 @@ def rejections() -> None:
 
 
 @rejections.command("list")
-@click.option("--account", "account_ref", help="Account ref: rejections about its devices.")
+@click.option(
+    "--account",
+    "account_ref",
+    help="Account ref: rejections about its devices (default: every rejection).",
+)
 @click.option(
     "--unattributed",
     is_flag=True,
-    help="Instead of an account's: rejections whose topic names no registered device "
-    "(unknown topics and devices), which belong to no account.",
+    help="Only rejections whose topic names no registered device (unknown topics and "
+    "devices), which belong to no account.",
 )
 @click.option("--reason", help="Only this reason (docs/protocol.md, What is refused).")
 @click.option("--device", "device_id", help="Only this device of the account.")
@@ -506,11 +510,11 @@ def rejections_list(
     (payload_truncated).
     """
     from devmeter.errors import InvalidError
-    from ingest.rejections import UNATTRIBUTED, RejectionFilter, Scope, list_rejections
+    from ingest.rejections import EVERY, UNATTRIBUTED, RejectionFilter, Scope, list_rejections
     from metering.registry import get_account
 
-    if (account_ref is None) == (not unattributed):
-        raise InvalidError("give --account REF or --unattributed (one of them)", field="account")
+    if account_ref is not None and unattributed:
+        raise InvalidError("give --account REF or --unattributed, not both", field="account")
     filters = RejectionFilter(
         reason=reason,
         device_id=device_id,
@@ -518,7 +522,13 @@ def rejections_list(
         until=_parse_instant("--until", until) if until else None,
     )
     with transaction(settings()) as conn:
-        scope: Scope = UNATTRIBUTED if account_ref is None else get_account(conn, account_ref).id
+        scope: Scope = (
+            get_account(conn, account_ref).id
+            if account_ref is not None
+            else UNATTRIBUTED
+            if unattributed
+            else EVERY
+        )
         page = list_rejections(conn, scope, filters, cursor=cursor, limit=limit)
     emit(
         {

@@ -29,7 +29,9 @@ Conn = psycopg.Connection[Any]
 
 #: The operator's scope: rejections about no registered device. Never an account's.
 UNATTRIBUTED: Final = "unattributed"
-Scope = int | Literal["unattributed"]
+#: The operator's view of every rejection, whoever it is about (the CLI's default).
+EVERY: Final = "all"
+Scope = int | Literal["unattributed", "all"]
 
 MAX_LIMIT: Final = 500
 DEFAULT_LIMIT: Final = 50
@@ -161,14 +163,14 @@ def list_rejections(
     check_filter(filters)
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
-    if scope == UNATTRIBUTED and filters.device_id is not None:
+    if scope in (UNATTRIBUTED, EVERY) and filters.device_id is not None:
         raise InvalidError(
-            "rows without an account name no registered device: no device filter",
+            "a device id names a device only within an account: give the account too",
             field="device_id",
         )
     after_at, after_id = decode_cursor(cursor) if cursor else (None, None)
     params: dict[str, object] = {
-        "account_id": scope if scope != UNATTRIBUTED else None,
+        "account_id": scope if isinstance(scope, int) else None,
         "reason": filters.reason,
         "device_id": filters.device_id,
         "since": filters.since,
@@ -178,7 +180,7 @@ def list_rejections(
         "limit": limit + 1,
         "cap": SUMMARY_CAP,
     }
-    which = "unattributed" if scope == UNATTRIBUTED else "account"
+    which = scope if isinstance(scope, str) else "account"
     rows = conn.execute(Q[f"select_{which}_rejections"], params).fetchall()
     items = [_rejected(r) for r in rows[:limit]]
     page = RejectionPage(items, encode_cursor(items[-1]) if len(rows) > limit and items else None)

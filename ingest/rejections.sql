@@ -69,6 +69,33 @@ FROM (
 ) newest
 GROUP BY reason;
 
+-- name: select_all_rejections
+-- The operator's view of everything, every account's and the unattributed, newest first
+-- (`devmeter rejections list` without --account). Through rejected_heartbeats_received.
+SELECT id, received_at, topic, reason, detail, account_id, device_id, payload
+FROM rejected_heartbeats
+WHERE (%(reason)s::text IS NULL OR reason = %(reason)s)
+  AND (%(since)s::timestamptz IS NULL OR received_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR received_at < %(until)s)
+  AND (%(after_at)s::timestamptz IS NULL
+       OR (received_at <= %(after_at)s AND (received_at, id) < (%(after_at)s, %(after_id)s)))
+ORDER BY received_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: count_all_rejections_by_reason
+SELECT reason,
+       count(*) FILTER (WHERE n <= %(cap)s) AS rejections,
+       bool_or(n > %(cap)s) AS beyond
+FROM (
+    SELECT reason, row_number() OVER (ORDER BY received_at DESC) AS n
+    FROM rejected_heartbeats
+    WHERE (%(since)s::timestamptz IS NULL OR received_at >= %(since)s)
+      AND (%(until)s::timestamptz IS NULL OR received_at < %(until)s)
+    ORDER BY received_at DESC
+    LIMIT %(cap)s + 1
+) newest
+GROUP BY reason;
+
 -- name: count_rejections_by_reason
 -- Every rejection ever stored, per reason, for /metrics. Rows are never deleted by the
 -- service (it may not), so these totals only grow: a Prometheus counter. An index-only scan

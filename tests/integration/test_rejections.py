@@ -296,13 +296,26 @@ def test_the_cli_lists_an_accounts_rejections(cli: Cli, owner_database_url: str)
     assert r.code == 0, r.stderr
     assert [i["topic"] for i in r.json()["items"]] == ["devmeter/v9/nowhere"]  # type: ignore[index]
 
+    # No scope: the operator sees every rejection, the account's and the unattributed.
+    r = cli("rejections", "list")
+    assert r.code == 0, r.stderr
+    every = r.json()["items"]  # type: ignore[index]
+    assert "devmeter/v9/nowhere" in [i["topic"] for i in every]
+    assert {i["device_id"] is None for i in every} == {True, False}
+
     for args, field in (
         (("--account", "nope"), "unknown account 'nope'"),
         (("--account", "acme", "--reason", "bogus"), "unknown reason 'bogus'"),
         (("--account", "acme", "--since", "soon"), "--since"),
         (("--account", "acme", "--limit", "0"), "limit"),
-        ((), "--account"),
         (("--account", "acme", "--unattributed"), "--account"),
+        (
+            (
+                "--device",
+                "d1",
+            ),
+            "account",
+        ),
         (("--unattributed", "--device", "d1"), "device"),
     ):
         r = cli("rejections", "list", *args)

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -93,9 +94,10 @@ def fleet(database_url: str) -> Fleet:
     return Fleet(keys)
 
 
-@pytest.fixture
-def auth_broker(database_url: str, fleet: Fleet, tmp_path: Path) -> Iterator[AuthBroker]:
-    assert fleet.keys, "devices first: the broker starts with their credentials"
+@contextmanager
+def authenticating_broker(database_url: str, tmp_path: Path) -> Iterator[AuthBroker]:
+    """A Mosquitto with devmeter's authentication, kept current by `CredentialSync`, as
+    `devmeter up` runs it; devmeter's ingest logs in with INGEST_PASSWORD."""
     holder: list[EmbeddedBroker] = []
     sync = CredentialSync(
         database_url,
@@ -118,6 +120,13 @@ def auth_broker(database_url: str, fleet: Fleet, tmp_path: Path) -> Iterator[Aut
         stop.set()
         thread.join(10)
         broker.stop()
+
+
+@pytest.fixture
+def auth_broker(database_url: str, fleet: Fleet, tmp_path: Path) -> Iterator[AuthBroker]:
+    assert fleet.keys, "devices first: the broker starts with their credentials"
+    with authenticating_broker(database_url, tmp_path) as broker:
+        yield broker
 
 
 class Client:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -11,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from devmeter.embedded import EmbeddedBroker, free_port, mosquitto_user, start_broker
-from ingest.broker_auth import INGEST_USERNAME, CredentialSync
+from devmeter.embedded import free_port
+from ingest.broker_auth import INGEST_USERNAME
 from ingest.processor import Reason
 from ingest.simulate import BadKind
 from tests.conftest import Cli
+from tests.integration.test_broker_auth import INGEST_PASSWORD, authenticating_broker
 from tests.integration.test_ingest_resilience import WorkerProcess
 from tests.integration.test_ingest_worker import count, poll
-
-INGEST_PASSWORD = "ingest-" + uuid.uuid4().hex
 
 
 @pytest.fixture
@@ -120,27 +118,8 @@ def auth_broker_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     `devmeter up` runs it (and as tests/integration/test_broker_auth.py starts it)."""
     if shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin") is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    holder: list[EmbeddedBroker] = []
-    sync = CredentialSync(
-        database_url,
-        tmp_path / "auth",
-        reload=lambda: holder[0].reload(),
-        ingest_password=INGEST_PASSWORD,
-        owner=mosquitto_user(),
-        resync_s=30,
-    )
-    sync.write()
-    broker = start_broker(tmp_path / "broker", prefer="mosquitto", auth_dir=sync.directory)
-    holder.append(broker)
-    stop = threading.Event()
-    thread = threading.Thread(target=sync.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield broker.url
-    finally:
-        stop.set()
-        thread.join(10)
-        broker.stop()
+    with authenticating_broker(database_url, tmp_path) as broker:
+        yield broker.broker.url
 
 
 def test_simulate_publishes_as_the_devices_through_an_authenticating_broker(

@@ -28,6 +28,7 @@ from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import peaks, peaks_many
 from metering.pricing import Line, format_money, price_month
 from metering.registry import Account, get_account
+from metering.tax import period_tax
 
 log = logging.getLogger("devmeter.close")
 
@@ -227,6 +228,8 @@ def _price(
         account.signed_up_on.month,
     ) == (first.year, first.month)
     priced = price_month(plan, {c: p.peak for c, p in peaks.items()}, signup_month_free=free)
+    # P3: the country's rate in force on the month's first day, once on the subtotal.
+    tax = period_tax(catalog.tax_table(account.country), first, priced.subtotal, priced.currency)
     zero = Decimal(0)
     return Statement(
         account=account.ref,
@@ -238,11 +241,11 @@ def _price(
         period_end=end,
         lines=priced.lines,
         subtotal=priced.subtotal,
-        # Tax and credit points are filled in by the billing-policy work (P3, P4).
-        tax_rate=zero,
-        tax=zero,
+        tax_rate=tax.rate,
+        tax=tax.amount,
+        # Credit points (P4) are not built yet: the whole amount is due.
         credits_applied=zero,
-        amount_due=priced.subtotal,
+        amount_due=priced.subtotal + tax.amount,
         due_date=due_date(month),
         closed_at=None,
         peaks=peaks,

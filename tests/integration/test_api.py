@@ -384,9 +384,10 @@ def test_usage_statements_and_export_of_the_worked_example(
         (10, "300", "3000"),
         (2, "250", "500"),
     ]
-    assert (final["subtotal"], final["amount_due"], final["due_date"]) == (
+    assert (final["subtotal"], final["tax"], final["amount_due"], final["due_date"]) == (
         "3500",
-        "3500",
+        "350",
+        "3850",
         "2026-11-30",
     )
     listed = client.get("/v1/statements", headers=h).json()

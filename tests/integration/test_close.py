@@ -102,7 +102,9 @@ def test_worked_example_closes_to_3500(
         november = get_usage(conn, "acme", "2026-11", now=NOW)
     assert final.status == usage.status == "final"
     assert final.closed_at is not None
-    assert (final.subtotal, final.amount_due, final.currency) == (3500, 3500, "JPY")
+    # P3: Japan's 10 % in force on 2026-10-01, on the subtotal (credit points: not yet).
+    assert (final.subtotal, final.tax_rate, final.tax) == (3500, Decimal("0.10"), 350)
+    assert (final.amount_due, final.currency) == (3850, "JPY")
     assert final.due_date == date(2026, 11, 30)
     assert [(x.quantity, x.unit_price, x.amount) for x in final.lines] == [
         (10, 300, 3000),
@@ -373,4 +375,4 @@ def test_export_is_byte_stable_with_checksum(
     assert first.rows == 3
     assert first.statements == 2
     assert jsonl.body.count(b"\n") == 3
-    assert b'"amount_due":"3000"' in jsonl.body
+    assert b'"amount_due":"3300"' in jsonl.body  # 3,000 volume-priced + 10 % tax

@@ -112,7 +112,7 @@ def test_october_peaks_at_12_and_bills_3500_graduated_3000_volume(
     to_stdout = cli("export", "--month", "2026-10", "--format", "jsonl")
     assert to_stdout.code == 0
     assert to_stdout.stdout.count("\n") == 3
-    assert '"amount_due":"3500"' in to_stdout.stdout
+    assert '"tax":"350","credits_applied":"0","amount_due":"3850"' in to_stdout.stdout
 
 
 def test_refusals_are_one_line(imported: Cli) -> None:

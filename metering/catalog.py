@@ -111,7 +111,7 @@ _ROUNDINGS: Final[Mapping[str, Rounding]] = {
 _TOP_KEYS: Final = frozenset({"plans", "tax"})
 _PLAN_KEYS: Final = frozenset({"currency", "base_fee", "free_signup_month", "classes"})
 _CLASS_KEYS: Final = frozenset({"mode", "tiers"})
-_TIER_KEYS: Final = frozenset({"up_to", "price"})
+_TIER_KEYS: Final = frozenset({"up_to", "price", "flat"})
 _TAX_KEYS: Final = frozenset({"rates"})
 _RATE_KEYS: Final = frozenset({"from", "rate", "rounding"})
 
@@ -167,6 +167,9 @@ class Tier:
 
     up_to: int | None
     price: Decimal
+    #: Charged once when the quantity reaches this tier, beside its unit price (Stripe's
+    #: `flat_amount`): in graduated mode for every tier reached, in volume mode for the one.
+    flat: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +369,12 @@ class _Parser:
         ):
             raise self.fail(_join(key, "up_to"), f"must be a positive integer, got {up_to!r}")
         price = self.money(self.required(table, key, "price"), _join(key, "price"), minor_units)
-        return Tier(up_to=up_to, price=price)
+        flat = (
+            self.money(table["flat"], _join(key, "flat"), minor_units)
+            if "flat" in table
+            else Decimal(0)
+        )
+        return Tier(up_to=up_to, price=price, flat=flat)
 
     def check_tier_order(self, tiers: tuple[Tier, ...], key: str) -> None:
         last = len(tiers) - 1

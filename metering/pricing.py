@@ -197,7 +197,8 @@ def price_class(
                 tier=index,
                 tier_from=first,
                 tier_to=last,
-            )
+            ),
+            *_flat_line(device_class, tier, index, first, last, currency),
         ]
 
     lines: list[Line] = []
@@ -222,7 +223,31 @@ def price_class(
                 tier_to=last,
             )
         )
+        lines.extend(_flat_line(device_class, tier, index, first, last, currency))
     return lines
+
+
+def _flat_line(
+    device_class: str, tier: Tier, index: int, first: int, last: int | None, currency: str
+) -> list[Line]:
+    """The tier's flat amount as a line of its own (none when it has none), so the unit
+    line still reads quantity x unit price."""
+    if tier.flat == 0:
+        return []
+    span = f"{first}{_EN_DASH}{last}" if last is not None else f"{first}+"
+    return [
+        Line(
+            kind="usage",
+            device_class=device_class,
+            description=f"{device_class} tier {span} flat amount",
+            quantity=1,
+            unit_price=tier.flat,
+            amount=round_money(tier.flat, currency),
+            tier=index,
+            tier_from=first,
+            tier_to=last,
+        )
+    ]
 
 
 def class_amount(device_class: str, pricing: ClassPricing, quantity: int, currency: str) -> Decimal:

@@ -477,3 +477,69 @@ def test_month_amounts_are_plain_and_add_up(
         assert amount.as_tuple().exponent == -2
     if free:
         assert priced.subtotal == 0
+
+
+FLAT = (
+    Tier(up_to=10, price=Decimal(300), flat=Decimal(1000)),
+    Tier(up_to=100, price=Decimal(250), flat=Decimal(5000)),
+    Tier(up_to=None, price=Decimal(200)),
+)
+
+
+@pytest.mark.parametrize(
+    ("mode", "quantity", "expected"),
+    [
+        # Graduated: every tier reached adds its flat amount once, beside its units.
+        ("graduated", 1, [(1, "300", "300"), (1, "1000", "1000")]),
+        ("graduated", 10, [(10, "300", "3000"), (1, "1000", "1000")]),
+        (
+            "graduated",
+            11,
+            [(10, "300", "3000"), (1, "1000", "1000"), (1, "250", "250"), (1, "5000", "5000")],
+        ),
+        (
+            "graduated",
+            101,
+            [
+                (10, "300", "3000"),
+                (1, "1000", "1000"),
+                (90, "250", "22500"),
+                (1, "5000", "5000"),
+                (1, "200", "200"),
+            ],
+        ),
+        # Volume: only the tier the total reaches, its flat amount once.
+        ("volume", 10, [(10, "300", "3000"), (1, "1000", "1000")]),
+        ("volume", 11, [(11, "250", "2750"), (1, "5000", "5000")]),
+        ("volume", 101, [(101, "200", "20200")]),
+        ("volume", 0, []),
+    ],
+)
+def test_tier_flat_amounts(mode: Mode, quantity: int, expected: list[tuple[int, str, str]]) -> None:
+    lines = price_class("lte-m", ClassPricing(mode=mode, tiers=FLAT), quantity, "JPY")
+    assert [(x.quantity, str(x.unit_price), str(x.amount)) for x in lines] == expected
+    assert all(x.kind == "usage" for x in lines)
+    flats = [x for x in lines if "flat amount" in x.description]
+    assert all(x.tier is not None and x.quantity == 1 for x in flats)
+
+
+def test_catalog_reads_a_tier_flat_amount() -> None:
+    text = """\
+[plans.flat]
+currency = "USD"
+[plans.flat.classes.wifi]
+mode = "graduated"
+tiers = [ { up_to = 5, price = "1.50", flat = "10.00" }, { price = "1.00" } ]
+[tax.US]
+rates = [ { from = "2000-01-01", rate = "0", rounding = "half_up" } ]
+"""
+    tiers = parse_catalog(tomllib.loads(text), source="test").plan("flat").classes["wifi"].tiers
+    assert [(t.price, t.flat) for t in tiers] == [
+        (Decimal("1.50"), Decimal("10.00")),
+        (Decimal("1.00"), Decimal(0)),
+    ]
+    for bad in ('"-1"', '"1.005"', "1.5"):
+        with pytest.raises(CatalogError, match="flat"):
+            parse_catalog(
+                tomllib.loads(text.replace('flat = "10.00"', f"flat = {bad}")), source="test"
+            )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from tests.conftest import Cli
 from tests.integration.test_broker_auth import AuthBroker, Client
 from tests.integration.test_cli_registry import _create_acme
 from tests.integration.test_ingest_worker import poll
+from tests.integration.test_serve import terminate
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin") is None,
@@ -98,10 +98,5 @@ def test_broker_admits_registered_devices_and_reloads_on_registration(
             assert time.monotonic() - registered < 2.0, log_path.read_text()
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("devmeter broker did not stop on SIGTERM")
+        code = terminate(proc, 30, "devmeter broker")
     assert code == 0, log_path.read_text()

@@ -10,6 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.integration.test_ingest_worker import poll
 
 STARTED = {
@@ -36,14 +38,20 @@ def serve(
     return proc, found
 
 
-def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
+def terminate(proc: subprocess.Popen[bytes], timeout: float, what: str) -> int:
+    """SIGTERM, as Ctrl-C or an orchestrator would; the exit code, or a failure (the process
+    killed) when ``what`` does not stop within ``timeout`` seconds."""
     proc.send_signal(signal.SIGTERM)
     try:
-        assert proc.wait(20) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"{what} did not stop on SIGTERM within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
+    assert terminate(proc, 20, "the service") == 0, log.read_text()
     assert "SIGTERM received, stopping" in log.read_text()
 
 

@@ -17,7 +17,6 @@ from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
 import psycopg
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg.conninfo import conninfo_to_dict
 
@@ -26,6 +25,7 @@ from ingest.processor import device_topic
 from tests.conftest import Cli
 from tests.integration.test_cli_registry import _create_acme
 from tests.integration.test_ingest_worker import Publisher, poll
+from tests.integration.test_serve import terminate
 
 
 def _anonymous_admitted(url: str) -> bool:
@@ -123,12 +123,7 @@ def test_up_runs_embedded_servers_and_serves_other_commands(
 
         poll(inactive, 30, "the heartbeat to set d1 inactive")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("devmeter up did not stop on SIGTERM")
+        code = terminate(proc, 60, "devmeter up")
     assert code == 0, log_path.read_text()
     assert "stopped" in log_path.read_text()
     assert not (tmp_path / "data" / "runtime.json").exists()
@@ -180,12 +175,7 @@ def test_up_given_a_superuser_url_runs_the_service_as_the_service_role(
         poll(lambda: bool(sessions()), 30, "the service's sessions")
         assert sessions() == {"devmeter_service"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("devmeter up did not stop on SIGTERM")
+        terminate(proc, 60, "devmeter up")
 
 
 def test_up_restarts_a_killed_broker_and_a_killed_worker(cli: Cli, tmp_path: Path) -> None:
@@ -254,10 +244,5 @@ def test_up_restarts_a_killed_broker_and_a_killed_worker(cli: Cli, tmp_path: Pat
             "the heartbeat published after the restarts to be stored",
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("devmeter up did not stop on SIGTERM")
+        code = terminate(proc, 60, "devmeter up")
     assert code == 0, log_path.read_text()

@@ -496,8 +496,7 @@ def broker_config(base: str, auth_dir: Path) -> str:
 def run_broker(config: Settings, base_config: Path) -> None:
     """``devmeter broker``: Mosquitto with devices' keys and topic rights kept current from the
     database, restarted if it dies; the production counterpart of `devmeter up`'s broker."""
-    import shutil
-
+    from devmeter.embedded import find_mosquitto
     from ingest.broker_auth import INGEST_USERNAME, CredentialSync
     from ingest.mqtt import parse_mqtt_url
 
@@ -507,7 +506,7 @@ def run_broker(config: Settings, base_config: Path) -> None:
             f"DEVMETER_MQTT_URL must carry the ingest login, mqtt://{INGEST_USERNAME}:"
             "<password>@host:port: the broker admits devmeter's ingest with that password"
         )
-    mosquitto = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    mosquitto = find_mosquitto()
     if mosquitto is None:
         raise ConfigError("mosquitto is not installed (apt-get install mosquitto)")
     data_dir = config.data_dir.resolve()
@@ -519,6 +518,8 @@ def run_broker(config: Settings, base_config: Path) -> None:
         raise ConfigError(f"cannot read {base_config}: {exc.strerror or exc}") from None
     data_dir.mkdir(parents=True, exist_ok=True)
     config_file.write_text(broker_config(base, auth_dir), encoding="utf-8")
+    persistence = data_dir / "mosquitto"
+    persistence.mkdir(exist_ok=True)
     owner = None
     if os.geteuid() == 0:
         # Started as root (not so in the image), Mosquitto drops to its own user, which must
@@ -527,14 +528,10 @@ def run_broker(config: Settings, base_config: Path) -> None:
         from devmeter.embedded._common import _allow_traversal, _chown_to
 
         owner = mosquitto_user()
-        persistence = data_dir / "mosquitto"
-        persistence.mkdir(exist_ok=True)
         _chown_to(persistence, owner)
         auth_dir.mkdir(exist_ok=True)
         _allow_traversal(auth_dir)
         _allow_traversal(persistence)
-    else:
-        (data_dir / "mosquitto").mkdir(exist_ok=True)
 
     def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
         current: list[MosquittoProcess] = []
@@ -550,7 +547,7 @@ def run_broker(config: Settings, base_config: Path) -> None:
         stack.callback(supervisor.stop)
 
         def start_mosquitto() -> MosquittoProcess:
-            process = MosquittoProcess.start(mosquitto, config_file)
+            process = MosquittoProcess.start(str(mosquitto), config_file)
             current.append(process)
             return process
 

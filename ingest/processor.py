@@ -131,17 +131,27 @@ def process(
     except Exception as exc:  # a case this module did not foresee must not stop ingest
         log.exception("unforeseen error processing a message on %r; quarantined", topic)
         reason, detail = Reason.SCHEMA, f"unprocessable: {type(exc).__name__}: {exc}"
-    about = _parse_topic(topic)
-    info = directory.get(about[:2]) if about is not None else None
+    account_id, device_id = _subject(topic, directory)
     return Rejection(
         reason,
         _storable(detail)[:_DETAIL_CHARS],
         _storable(topic),
         payload[:QUARANTINE_PAYLOAD_BYTES],
         received_at,
-        info.account_id if info is not None and about is not None else None,
-        about[1] if info is not None and about is not None else None,
+        account_id,
+        device_id,
     )
+
+
+def _subject(
+    topic: str, directory: Mapping[DeviceKey, DeviceInfo]
+) -> tuple[int, str] | tuple[None, None]:
+    """The registered device (its account id and id) a topic names, or (None, None)."""
+    about = _parse_topic(topic)
+    info = directory.get(about[:2]) if about is not None else None
+    if about is None or info is None:
+        return None, None
+    return info.account_id, about[1]
 
 
 #: Quarantine keeps the start of a long detail (msgspec quotes unknown field names whole).

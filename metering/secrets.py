@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -55,16 +54,3 @@ def broker_hash(key: str, *, salt: bytes | None = None) -> str:
     dk = hashlib.pbkdf2_hmac("sha512", key.encode(), salt, BROKER_HASH_ITERATIONS, 64)
     salt_text, hash_text = base64.b64encode(salt).decode(), base64.b64encode(dk).decode()
     return f"$7${BROKER_HASH_ITERATIONS}${salt_text}${hash_text}"
-
-
-def broker_hash_matches(key: str, stored: str) -> bool:
-    """Whether ``key`` is the key behind ``stored`` (a ``broker_hash`` result)."""
-    try:
-        _, kind, iterations, salt_b64, hash_b64 = stored.split("$")
-        salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
-    except ValueError:
-        return False
-    if kind != "7":
-        return False
-    dk = hashlib.pbkdf2_hmac("sha512", key.encode(), salt, int(iterations), len(expected))
-    return hmac.compare_digest(dk, expected)

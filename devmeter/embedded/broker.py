@@ -114,7 +114,7 @@ def start_broker(
     """
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    mosquitto = _find_mosquitto() if prefer != "amqtt" else None
+    mosquitto = find_mosquitto() if prefer != "amqtt" else None
     if (prefer == "mosquitto" or auth_dir is not None) and mosquitto is None:
         raise EmbeddedServerError(
             "mosquitto is not installed (looked on PATH and in /usr/sbin); devmeter's broker "
@@ -148,7 +148,7 @@ def start_broker(
     return broker
 
 
-def _find_mosquitto() -> Path | None:
+def find_mosquitto() -> Path | None:
     # Debian installs it in /usr/sbin, which is not on a non-root user's PATH.
     found = shutil.which("mosquitto") or shutil.which(
         "mosquitto", path=os.pathsep.join(["/usr/sbin", "/usr/local/sbin"])

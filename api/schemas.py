@@ -115,19 +115,39 @@ class HeartbeatHourOut(BaseModel):
 class ClassUsage(BaseModel):
     peak: int
     peak_at: datetime
-    amount: str | None = Field(
-        default=None, description="what this peak costs on the account's plan (exact decimal)"
+    amount: str = Field(
+        description="what this quantity costs on the month's plan, tax excluded (exact decimal)"
     )
 
 
-class UsageOut(BaseModel):
+class CorrectedUsage(BaseModel):
+    peak: int
+    peak_at: datetime
+
+
+class Totals(BaseModel):
+    subtotal: str = Field(description="tax excluded, adjustments included")
+    tax_rate: str = Field(description="the rate in force on the month's first day, e.g. 0.10")
+    tax: str
+    total: str = Field(description="subtotal plus tax")
+    credits_applied: str = Field(description="credit points applied at close (P4)")
+    amount_due: str = Field(description="what is charged to the payment method")
+
+
+class UsageOut(Totals):
     account: str
     month: str
     status: Literal["preliminary", "final"]
+    plan: str = Field(description="the plan that prices this month (in force at its start)")
     currency: str
     period_start: datetime
     period_end: datetime
     classes: dict[str, ClassUsage]
+    corrected: dict[str, CorrectedUsage] | None = Field(
+        default=None,
+        description="closed months only: the quantities recomputed from every event stored "
+        "now, late ones included; a difference is adjusted on the next statement",
+    )
 
 
 class DayClass(BaseModel):
@@ -157,9 +177,17 @@ class LineOut(BaseModel):
     unit_price: str
     amount: str
     tier: int | None
+    corrects_month: str | None = Field(
+        default=None, description="adjustment lines: the closed month (YYYY-MM) corrected"
+    )
+    billed_quantity: int | None = None
+    corrected_quantity: int | None = None
+    tax_rate: str | None = Field(
+        default=None, description="adjustment lines: the corrected month's tax rate"
+    )
 
 
-class StatementOut(BaseModel):
+class StatementOut(Totals):
     account: str
     month: str
     status: Literal["preliminary", "final"]
@@ -168,10 +196,6 @@ class StatementOut(BaseModel):
     period_start: datetime
     period_end: datetime
     lines: list[LineOut]
-    subtotal: str
-    tax: str
-    credits_applied: str
-    amount_due: str
     due_date: date
     closed_at: datetime | None
     usage: dict[str, ClassUsage]

@@ -207,6 +207,119 @@ def accounts_create(
     emit({"ref": created.account.ref, "api_key": created.api_key, "account": created.account})
 
 
+def _local_instant(option: str, value: str | None, tz: str) -> datetime:
+    """``--at``: an ISO date-time; one without an offset (or a bare date: its midnight) is
+    read in the account's time zone, since billing months are."""
+    from zoneinfo import ZoneInfo
+
+    if value is None:
+        return _now()
+    at = _parse_instant(option, value)
+    if datetime.fromisoformat(value).tzinfo is None:
+        at = at.replace(tzinfo=ZoneInfo(tz))
+    return at
+
+
+@accounts.command("set-plan")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@click.option("--plan", required=True, help="The new plan, from the catalog.")
+@click.option(
+    "--at",
+    metavar="ISO",
+    help="When the change takes effect (default: now; never in the future). Without an offset "
+    "it is read in the account's time zone. A change at a month's first instant prices that "
+    "month; later, the next month (P6).",
+)
+@reports_errors
+def accounts_set_plan(account_ref: str, plan: str, at: str | None) -> None:
+    """Change an account's plan: at once for the service, from the next month for billing."""
+    from metering.plans import change_plan, history
+    from metering.registry import get_account
+
+    config = settings()
+    with transaction(config) as conn:
+        account = get_account(conn, account_ref)
+        when = _local_instant("--at", at, account.timezone)
+        result = change_plan(
+            conn, catalog(config), account, plan, at=when, now=_now(), changed_by="cli"
+        )
+        emit({**asdict(result), "history": history(conn, account.id)})
+
+
+@accounts.command("plans")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@reports_errors
+def accounts_plans(account_ref: str) -> None:
+    """The account's plan history, oldest first."""
+    from metering.plans import history
+    from metering.registry import get_account
+
+    with transaction(settings()) as conn:
+        account = get_account(conn, account_ref)
+        emit({"account": account.ref, "plan": account.plan, "history": history(conn, account.id)})
+
+
+@main.group()
+def credits() -> None:
+    """Credit points (operator): 1 point = 1 minor unit of the account's currency (P4)."""
+
+
+@credits.command("grant")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@click.option("--points", required=True, type=int, help="Points to grant (a whole number > 0).")
+@click.option("--reason", help="Why, for the ledger (e.g. 'campaign 2026-10').")
+@click.option(
+    "--expires",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    help="Last day the points pay for (inclusive, account time zone). Default: never.",
+)
+@click.option(
+    "--at",
+    metavar="ISO",
+    help="When the grant is made (default: now; never in the future). Without an offset it is "
+    "read in the account's time zone.",
+)
+@reports_errors
+def credits_grant(
+    account_ref: str, points: int, reason: str | None, expires: datetime | None, at: str | None
+) -> None:
+    """Grant credit points; at close they pay the amount after tax, oldest-expiring first."""
+    from metering import credits as ledger
+    from metering.registry import get_account
+
+    config = settings()
+    with transaction(config) as conn:
+        account = get_account(conn, account_ref)
+        entry = ledger.grant(
+            conn,
+            account,
+            points=points,
+            reason=reason,
+            expires_on=expires.date() if expires else None,
+            at=_local_instant("--at", at, account.timezone),
+            now=_now(),
+        )
+        currency = catalog(config).plans[account.plan].currency
+        balance = ledger.balance(conn, account, currency, now=_now())
+    emit({"granted": ledger.entry_document(entry), **ledger.balance_document(balance)})
+
+
+@credits.command("balance")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@reports_errors
+def credits_balance(account_ref: str) -> None:
+    """The account's credit balance and its ledger (every grant, use and expiry)."""
+    from metering import credits as ledger
+    from metering.registry import get_account
+
+    config = settings()
+    with transaction(config) as conn:
+        account = get_account(conn, account_ref)
+        currency = catalog(config).plans[account.plan].currency
+        balance = ledger.balance(conn, account, currency, now=_now())
+    emit(ledger.balance_document(balance))
+
+
 @main.group()
 def devices() -> None:
     """Devices: register, activate/deactivate, list. Devices are never deleted."""
@@ -552,26 +665,12 @@ def _month_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 @reports_errors
 def usage(account_ref: str, month: str, evidence: bool) -> None:
     """Peak active devices per class of a month: preliminary while open, final once closed."""
-    from metering.statements import get_usage
+    from metering.statements import get_usage, usage_document
 
-    with transaction(settings()) as conn:
-        result = get_usage(conn, account_ref, month, now=_now())
-    classes: dict[str, object] = {}
-    for name, peak in result.classes.items():
-        entry: dict[str, object] = {"peak": peak.peak, "peak_at": peak.peak_at}
-        if evidence:
-            entry["devices"] = list(peak.device_ids)
-        classes[name] = entry
-    emit(
-        {
-            "account": result.account,
-            "month": result.month,
-            "status": result.status,
-            "period_start": result.period_start,
-            "period_end": result.period_end,
-            "classes": classes,
-        }
-    )
+    config = settings()
+    with transaction(config) as conn:
+        result = get_usage(conn, account_ref, month, now=_now(), catalog=catalog(config))
+    emit(usage_document(result, evidence=evidence))
 
 
 @main.command()

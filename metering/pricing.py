@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from decimal import (
     ROUND_DOWN,
     ROUND_HALF_EVEN,
@@ -87,6 +88,12 @@ class Line:
     tier: int | None = None
     tier_from: int | None = None
     tier_to: int | None = None
+    #: Adjustment lines (SPEC C2) only: the closed month they correct (its first day), the
+    #: quantity billed so far and the corrected one, and that month's tax rate.
+    corrects_month: date | None = None
+    billed_quantity: int | None = None
+    corrected_quantity: int | None = None
+    tax_rate: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,12 @@ VALUES (%(ref)s, %(name)s, %(plan)s, %(country)s, %(timezone)s, %(signed_up_on)s
 ON CONFLICT (ref) DO NOTHING
 RETURNING id, ref, name, plan, country, timezone, signed_up_on, status, created_at;
 
+-- name: insert_signup_plan
+-- P6: the sign-up plan is the first of the plan history, in force from the sign-up day.
+INSERT INTO plan_changes (account_id, plan, effective_at, changed_by)
+VALUES (%(account_id)s, %(plan)s, (%(signed_up_on)s::date::timestamp AT TIME ZONE %(timezone)s),
+        'sign-up');
+
 -- name: insert_member
 INSERT INTO members (account_id, name, email, role)
 VALUES (%(account_id)s, %(name)s, %(email)s, %(role)s)

@@ -159,6 +159,15 @@ def create_account(
         ).fetchone()
     if account is None:
         raise ConflictError(f"account {ref!r} already exists", field="ref")
+    conn.execute(
+        Q["insert_signup_plan"],
+        {
+            "account_id": account.id,
+            "plan": plan,
+            "signed_up_on": signed_up_on,
+            "timezone": timezone,
+        },
+    )
     member = conn.execute(
         Q["insert_member"],
         {"account_id": account.id, "name": owner_name, "email": owner_email, "role": "owner"},

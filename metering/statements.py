@@ -13,8 +13,8 @@ import calendar
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Literal
@@ -23,12 +23,13 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 
 from devmeter.errors import ConflictError, InvalidError
-from metering.catalog import Catalog
+from metering import credits
+from metering.catalog import Catalog, Plan, Rounding
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import peaks, peaks_many
-from metering.pricing import Line, format_money, price_month
+from metering.plans import plans_at
+from metering.pricing import Line, class_amount, format_money, price_month, round_money, tax_amount
 from metering.registry import Account, get_account
-from metering.tax import period_tax
 
 log = logging.getLogger("devmeter.close")
 
@@ -47,6 +48,13 @@ class Usage:
     period_start: datetime
     period_end: datetime
     classes: dict[str, ClassPeak]
+    #: The plan that prices the month: in force at its first instant (P6).
+    plan: str = ""
+    #: A closed month recomputed from every event stored now, late ones included (C2); its
+    #: difference from ``classes`` (what was billed) is adjusted on the next statement.
+    corrected: dict[str, ClassPeak] | None = None
+    #: The month priced, when the caller gave a catalog.
+    statement: Statement | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +108,46 @@ def closable_at(account: Account, month: str, grace: timedelta = DEFAULT_GRACE) 
 # --- reading -----------------------------------------------------------------------------
 
 
-def get_usage(conn: Conn, account_ref: str, month: str, *, now: datetime) -> Usage:
+def get_usage(
+    conn: Conn, account_ref: str, month: str, *, now: datetime, catalog: Catalog | None = None
+) -> Usage:
+    """The month's usage; with ``catalog``, priced too (``Usage.statement``)."""
     account = get_account(conn, account_ref)
     start, end = month_bounds(month, account.timezone)
     stored = _stored_statement_row(conn, account.id, month)
     if stored is not None:
-        return Usage(account.ref, month, "final", start, end, _stored_peaks(conn, stored["id"]))
+        billed = _stored_statement(conn, account, month, stored) if catalog else None
+        return Usage(
+            account.ref,
+            month,
+            "final",
+            start,
+            end,
+            _stored_peaks(conn, stored["id"]),
+            plan=stored["plan"],
+            corrected=peaks(conn, account.id, start, end),
+            statement=billed,
+        )
     _refuse_future(account, month, start, now)
-    return Usage(account.ref, month, "preliminary", start, end, peaks(conn, account.id, start, end))
+    plan = plans_at(conn, [account], start)[account.id]
+    classes = peaks(conn, account.id, start, end)
+    priced = None
+    if catalog is not None:
+        late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
+        priced = _price(
+            catalog,
+            account,
+            month,
+            start,
+            end,
+            classes,
+            status="preliminary",
+            plan=plan,
+            adjustments=late,
+        )
+    return Usage(
+        account.ref, month, "preliminary", start, end, classes, plan=plan, statement=priced
+    )
 
 
 def get_statement(
@@ -117,10 +157,9 @@ def get_statement(
     stored = _stored_statement_row(conn, account.id, month)
     if stored is not None:
         return _stored_statement(conn, account, month, stored)
-    start, end = month_bounds(month, account.timezone)
-    _refuse_future(account, month, start, now)
-    classes = peaks(conn, account.id, start, end)
-    return _price(catalog, account, month, start, end, classes, status="preliminary")
+    usage = get_usage(conn, account_ref, month, now=now, catalog=catalog)
+    assert usage.statement is not None
+    return usage.statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +198,32 @@ def list_statements(conn: Conn, account_ref: str) -> list[StatementSummary]:
     ]
 
 
+def class_usage(
+    statement: Statement, peaks: dict[str, ClassPeak], *, evidence: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Per class: the quantity, when it was reached and what it costs on the month's plan (its
+    usage lines, tax excluded). One shape for usage and statements."""
+    amounts: dict[str, Decimal] = {}
+    for line in statement.lines:
+        if line.kind == "usage" and line.device_class is not None:
+            amounts[line.device_class] = amounts.get(line.device_class, Decimal(0)) + line.amount
+    out: dict[str, dict[str, Any]] = {}
+    for c, p in sorted(peaks.items()):
+        entry: dict[str, Any] = {
+            "peak": p.peak,
+            "peak_at": p.peak_at,
+            "amount": format_money(amounts.get(c, Decimal(0)), statement.currency),
+        }
+        if evidence:
+            entry["devices"] = list(p.device_ids)
+        out[c] = entry
+    return out
+
+
+def _money(d: Decimal, currency: str) -> str:
+    return format_money(d, currency)
+
+
 def statement_document(statement: Statement, *, evidence: bool = False) -> dict[str, Any]:
     """The statement as the CLI prints it and the API returns it: amounts as exact decimal
     strings in the currency's minor unit; with ``evidence``, the devices behind each peak."""
@@ -171,28 +236,66 @@ def statement_document(statement: Statement, *, evidence: bool = False) -> dict[
         "currency": currency,
         "period_start": statement.period_start,
         "period_end": statement.period_end,
-        "usage": {c: {"peak": p.peak, "peak_at": p.peak_at} for c, p in statement.peaks.items()},
+        "usage": class_usage(statement, statement.peaks),
         "lines": [
             {
                 "kind": line.kind,
                 "class": line.device_class,
                 "description": line.description,
                 "quantity": line.quantity,
-                "unit_price": format_money(line.unit_price, currency),
-                "amount": format_money(line.amount, currency),
+                "unit_price": _money(line.unit_price, currency),
+                "amount": _money(line.amount, currency),
                 "tier": line.tier,
+                "corrects_month": (
+                    month_name(line.corrects_month) if line.corrects_month else None
+                ),
+                "billed_quantity": line.billed_quantity,
+                "corrected_quantity": line.corrected_quantity,
+                "tax_rate": str(line.tax_rate) if line.tax_rate is not None else None,
             }
             for line in statement.lines
         ],
-        "subtotal": format_money(statement.subtotal, currency),
-        "tax": format_money(statement.tax, currency),
-        "credits_applied": format_money(statement.credits_applied, currency),
-        "amount_due": format_money(statement.amount_due, currency),
+        "subtotal": _money(statement.subtotal, currency),
+        "tax_rate": str(statement.tax_rate),
+        "tax": _money(statement.tax, currency),
+        "total": _money(statement.subtotal + statement.tax, currency),
+        "credits_applied": _money(statement.credits_applied, currency),
+        "amount_due": _money(statement.amount_due, currency),
         "due_date": statement.due_date,
         "closed_at": statement.closed_at,
     }
     if evidence:
         document["evidence"] = {c: list(p.device_ids) for c, p in statement.peaks.items()}
+    return document
+
+
+def usage_document(usage: Usage, *, evidence: bool = False) -> dict[str, Any]:
+    """A month's usage as the CLI prints it and the API returns it: per class the quantity and
+    its amount, the plan that prices the month and its total without and with tax; for a
+    closed month, also the quantities recomputed from every event stored now (C2)."""
+    st = usage.statement
+    assert st is not None, "usage_document needs the usage priced (get_usage with a catalog)"
+    currency = st.currency
+    document: dict[str, Any] = {
+        "account": usage.account,
+        "month": usage.month,
+        "status": usage.status,
+        "plan": usage.plan,
+        "currency": currency,
+        "period_start": usage.period_start,
+        "period_end": usage.period_end,
+        "classes": class_usage(st, usage.classes, evidence=evidence),
+        "subtotal": _money(st.subtotal, currency),
+        "tax_rate": str(st.tax_rate),
+        "tax": _money(st.tax, currency),
+        "total": _money(st.subtotal + st.tax, currency),
+        "credits_applied": _money(st.credits_applied, currency),
+        "amount_due": _money(st.amount_due, currency),
+    }
+    if usage.corrected is not None:
+        document["corrected"] = {
+            c: {"peak": p.peak, "peak_at": p.peak_at} for c, p in sorted(usage.corrected.items())
+        }
     return document
 
 
@@ -214,42 +317,193 @@ def _price(
     peaks: dict[str, ClassPeak],
     *,
     status: Status,
+    plan: str,
+    adjustments: Sequence[Line] = (),
 ) -> Statement:
-    plan = catalog.plans.get(account.plan)
-    if plan is None:
-        raise InvalidError(
-            f"account {account.ref!r} is on plan {account.plan!r}, which the catalog lacks",
-            field="plan",
-        )
+    """The month's statement, in the order usage, base fee, discount, adjustments, tax, and
+    (at close, under the account's lock) credit points."""
+    priced_plan = _plan(catalog, account, plan)
     first = month_start(month)
-    # P5: the sign-up month is free when the plan says so; billing starts the month after.
-    free = plan.free_signup_month and (
+    # P5: the sign-up month (account time zone) is free when the month's plan says so.
+    free = priced_plan.free_signup_month and (
         account.signed_up_on.year,
         account.signed_up_on.month,
     ) == (first.year, first.month)
-    priced = price_month(plan, {c: p.peak for c, p in peaks.items()}, signup_month_free=free)
-    # P3: the country's rate in force on the month's first day, once on the subtotal.
-    tax = period_tax(catalog.tax_table(account.country), first, priced.subtotal, priced.currency)
-    zero = Decimal(0)
+    priced = price_month(priced_plan, {c: p.peak for c, p in peaks.items()}, signup_month_free=free)
+    lines = (*priced.lines, *adjustments)
+    subtotal = round_money(sum((x.amount for x in lines), Decimal(0)), priced.currency)
+    rate, tax = _tax(catalog, account, first, priced.subtotal, adjustments, priced.currency)
     return Statement(
         account=account.ref,
         month=month,
         status=status,
-        plan=account.plan,
+        plan=plan,
         currency=priced.currency,
         period_start=start,
         period_end=end,
-        lines=priced.lines,
-        subtotal=priced.subtotal,
-        tax_rate=tax.rate,
-        tax=tax.amount,
-        # Credit points (P4) are not built yet: the whole amount is due.
-        credits_applied=zero,
-        amount_due=priced.subtotal + tax.amount,
+        lines=lines,
+        subtotal=subtotal,
+        tax_rate=rate,
+        tax=tax,
+        # Points are taken at close, under the account's lock (_take_credits).
+        credits_applied=Decimal(0),
+        amount_due=subtotal + tax,
         due_date=due_date(month),
         closed_at=None,
         peaks=peaks,
     )
+
+
+def _plan(catalog: Catalog, account: Account, name: str) -> Plan:
+    found = catalog.plans.get(name)
+    if found is None:
+        raise InvalidError(
+            f"account {account.ref!r} is on plan {name!r}, which the catalog lacks",
+            field="plan",
+        )
+    return found
+
+
+def _tax(
+    catalog: Catalog,
+    account: Account,
+    first: date,
+    own: Decimal,
+    adjustments: Sequence[Line],
+    currency: str,
+) -> tuple[Decimal, Decimal]:
+    """P3: the month's own amount at the rate in force on its first day, each adjustment at the
+    rate of the month it corrects (C2); rounded once per rate, never per line."""
+    table = catalog.tax_table(account.country)
+    rate = table.rate_on(first)
+    taxable: dict[tuple[Decimal, Rounding], Decimal] = {(rate.rate, rate.rounding): own}
+    for line in adjustments:
+        assert line.corrects_month is not None
+        corrected = table.rate_on(line.corrects_month)
+        key = (corrected.rate if line.tax_rate is None else line.tax_rate, corrected.rounding)
+        taxable[key] = taxable.get(key, Decimal(0)) + line.amount
+    tax = sum(
+        (tax_amount(amount, r, currency, rounding) for (r, rounding), amount in taxable.items()),
+        Decimal(0),
+    )
+    return rate.rate, round_money(tax, currency)
+
+
+#: Events received this long before an account's last close are looked at again by the next
+#: one: a transaction that began before the close may commit after it. Looking again is
+#: harmless, since an adjustment is made only where the recomputed month differs.
+LATE_MARGIN: Final = timedelta(hours=1)
+
+_LATE_EVENTS: Final = """
+WITH last AS (
+    SELECT account_id, max(closed_at) AS closed_at, max(period_end) AS period_end
+    FROM statements
+    WHERE account_id = ANY(%(ids)s::bigint[]) AND month < %(month)s
+    GROUP BY account_id
+)
+SELECT e.account_id, min(e.time) AS since
+FROM device_state_events e
+JOIN last l USING (account_id)
+WHERE e.received_at > (SELECT min(closed_at) FROM last) - %(margin)s
+  AND e.received_at > l.closed_at - %(margin)s
+  AND e.time < l.period_end
+GROUP BY e.account_id
+"""
+
+
+def _adjustments(
+    conn: Conn, catalog: Catalog, accounts: Sequence[Account], month: str, *, now: datetime
+) -> dict[int, list[Line]]:
+    """C2: adjustment lines for ``month``'s statement of each account, one per closed month
+    and class whose recomputed quantity differs from what has been billed for it so far."""
+    del now  # the events stored now are the truth; kept for symmetry with the callers
+    if not accounts:
+        return {}
+    found: dict[int, list[Line]] = {}
+    late = conn.execute(
+        _LATE_EVENTS,
+        {"ids": [a.id for a in accounts], "month": month_start(month), "margin": LATE_MARGIN},
+    ).fetchall()
+    by_id = {a.id: a for a in accounts}
+    for row in late:
+        account = by_id[row["account_id"]]
+        lines = _account_adjustments(conn, catalog, account, month, row["since"])
+        if lines:
+            found[account.id] = lines
+    return found
+
+
+def _account_adjustments(
+    conn: Conn, catalog: Catalog, account: Account, month: str, since: datetime
+) -> list[Line]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        closed = cur.execute(
+            "SELECT id, month, period_start, period_end, plan, currency, tax_rate FROM statements"
+            " WHERE account_id = %s AND month < %s AND period_end > %s ORDER BY month",
+            (account.id, month_start(month), since),
+        ).fetchall()
+        if not closed:
+            return []
+        # Billed so far per (month, class): the statement's peak, or the quantity the latest
+        # adjustment corrected it to.
+        billed: dict[tuple[date, str], int] = {}
+        for p in cur.execute(
+            "SELECT s.month, p.device_class, p.peak FROM statement_peaks p"
+            " JOIN statements s ON s.id = p.statement_id WHERE s.id = ANY(%s)",
+            ([c["id"] for c in closed],),
+        ):
+            billed[(p["month"], p["device_class"])] = p["peak"]
+        for a in cur.execute(
+            "SELECT l.corrects_month, l.device_class, l.corrected_quantity FROM statement_lines l"
+            " JOIN statements s ON s.id = l.statement_id"
+            " WHERE s.account_id = %s AND l.kind = 'adjustment' AND l.corrects_month = ANY(%s)"
+            " ORDER BY s.month, l.line_no",
+            (account.id, [c["month"] for c in closed]),
+        ):
+            billed[(a["corrects_month"], a["device_class"])] = a["corrected_quantity"]
+    lines: list[Line] = []
+    for c in closed:
+        first: date = c["month"]
+        plan = _plan(catalog, account, c["plan"])
+        corrected = {
+            k: p.peak
+            for k, p in peaks(conn, account.id, c["period_start"], c["period_end"]).items()
+        }
+        classes = sorted({k for (m, k) in billed if m == first} | set(corrected))
+        free = plan.free_signup_month and (
+            account.signed_up_on.year,
+            account.signed_up_on.month,
+        ) == (first.year, first.month)
+        for k in classes:
+            old, new = billed.get((first, k), 0), corrected.get(k, 0)
+            if old == new:
+                continue
+            if k not in plan.classes:
+                raise InvalidError(
+                    f"device class {k!r} is not priced by plan {plan.name!r}", field="device_class"
+                )
+            pricing = plan.classes[k]
+            amount = Decimal(0)
+            if not free:
+                amount = class_amount(k, pricing, new, plan.currency) - class_amount(
+                    k, pricing, old, plan.currency
+                )
+            amount = round_money(amount, plan.currency)
+            lines.append(
+                Line(
+                    kind="adjustment",
+                    device_class=k,
+                    description=f"adjustment {month_name(first)} {k}: peak {old} \u2192 {new}",
+                    quantity=1,
+                    unit_price=amount,
+                    amount=amount,
+                    corrects_month=first,
+                    billed_quantity=old,
+                    corrected_quantity=new,
+                    tax_rate=c["tax_rate"],
+                )
+            )
+    return lines
 
 
 def _stored_statement_row(conn: Conn, account_id: int, month: str) -> dict[str, Any] | None:
@@ -279,7 +533,8 @@ def _stored_statement(conn: Conn, account: Account, month: str, row: dict[str, A
     with conn.cursor(row_factory=dict_row) as cur:
         lines = cur.execute(
             "SELECT kind, device_class, description, quantity, unit_price, amount, tier,"
-            " tier_from, tier_to FROM statement_lines WHERE statement_id = %s ORDER BY line_no",
+            " tier_from, tier_to, corrects_month, billed_quantity, corrected_quantity, tax_rate"
+            " FROM statement_lines WHERE statement_id = %s ORDER BY line_no",
             (row["id"],),
         ).fetchall()
     return Statement(
@@ -369,12 +624,27 @@ def close_month(
         start, end = month_bounds(month, tz)
         try:
             with connect() as conn:
+                plans = plans_at(conn, group, start)
                 peaks = peaks_many(conn, [a.id for a in group], start, end)
+                late = _adjustments(conn, catalog, group, month, now=now)
         except Exception as exc:  # this zone's accounts fail (recorded, retried); others go on
             for account in group:
                 _record_failure(connect, report, account, month, exc)
             continue
-        _close_group(connect, catalog, report, group, month, start, end, peaks, on_closed)
+        _close_group(
+            connect,
+            catalog,
+            report,
+            group,
+            month,
+            start,
+            end,
+            peaks,
+            on_closed,
+            plans=plans,
+            late=late,
+            now=now,
+        )
     report.seconds = time.monotonic() - started
     return report
 
@@ -389,6 +659,10 @@ def _close_group(
     end: datetime,
     peaks: dict[int, dict[str, ClassPeak]],
     on_closed: Callable[[Conn, int], None] | None,
+    *,
+    plans: dict[int, str],
+    late: dict[int, list[Line]],
+    now: datetime,
 ) -> None:
     """The group's statements, a batch of accounts per transaction on one connection.
 
@@ -404,7 +678,15 @@ def _close_group(
             for account in group[offset : offset + _BATCH]:
                 try:
                     statement = _price(
-                        catalog, account, month, start, end, peaks[account.id], status="final"
+                        catalog,
+                        account,
+                        month,
+                        start,
+                        end,
+                        peaks[account.id],
+                        status="final",
+                        plan=plans[account.id],
+                        adjustments=late.get(account.id, ()),
                     )
                 except Exception as exc:  # one account's failure must not stop the others
                     _record_failure(connect, report, account, month, exc)
@@ -413,7 +695,7 @@ def _close_group(
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = connect()
-                _insert_statements(conn, first, priced, on_closed, report)
+                _insert_statements(conn, first, priced, on_closed, report, now)
                 continue
             except Exception:
                 log.warning(
@@ -426,7 +708,7 @@ def _close_group(
                 try:
                     if conn is None or conn.closed or conn.broken:
                         conn = connect()
-                    _insert_statements(conn, first, [(account, statement)], on_closed, report)
+                    _insert_statements(conn, first, [(account, statement)], on_closed, report, now)
                 except Exception as exc:  # one account's failure must not stop the others
                     _record_failure(connect, report, account, month, exc)
     finally:
@@ -452,57 +734,121 @@ def _insert_statements(
     priced: list[tuple[Account, Statement]],
     on_closed: Callable[[Conn, int], None] | None,
     report: CloseReport,
+    now: datetime,
 ) -> None:
-    """The statements, their lines and peaks in one transaction; the report once committed."""
+    """The statements, their lines and peaks in one transaction; the report once committed.
+
+    The accounts' rows are locked first (in id order, so two closers cannot deadlock): a
+    second closer of an account waits, then finds the statement and skips it; and credit
+    points are taken under that lock, so two closes never spend the same points (P4).
+    """
     if not priced:
         return
-    statements = [statement for _, statement in priced]
-    lines = [(account.id, n, x) for account, st in priced for n, x in enumerate(st.lines, 1)]
-    peaks = [(account.id, p) for account, st in priced for p in st.peaks.values()]
     with conn.transaction():
-        rows = conn.execute(
-            _INSERT_STATEMENTS,
-            {
-                "month": first,
-                "closed_by": _CLOSER,
-                "account_id": [account.id for account, _ in priced],
-                "timezone": [account.timezone for account, _ in priced],
-                "period_start": [x.period_start for x in statements],
-                "period_end": [x.period_end for x in statements],
-                "plan": [x.plan for x in statements],
-                "currency": [x.currency for x in statements],
-                "subtotal": [x.subtotal for x in statements],
-                "tax_rate": [x.tax_rate for x in statements],
-                "tax": [x.tax for x in statements],
-                "credits_applied": [x.credits_applied for x in statements],
-                "amount_due": [x.amount_due for x in statements],
-                "due_date": [x.due_date for x in statements],
-                "line_account": [account_id for account_id, _, _ in lines],
-                "line_no": [n for _, n, _ in lines],
-                "kind": [x.kind for _, _, x in lines],
-                "device_class": [x.device_class for _, _, x in lines],
-                "description": [x.description for _, _, x in lines],
-                "quantity": [x.quantity for _, _, x in lines],
-                "unit_price": [x.unit_price for _, _, x in lines],
-                "amount": [x.amount for _, _, x in lines],
-                "tier": [x.tier for _, _, x in lines],
-                "tier_from": [x.tier_from for _, _, x in lines],
-                "tier_to": [x.tier_to for _, _, x in lines],
-                "peak_account": [account_id for account_id, _ in peaks],
-                "peak_class": [p.device_class for _, p in peaks],
-                "peak": [p.peak for _, p in peaks],
-                "peak_at": [p.peak_at for _, p in peaks],
-                # text[][] cannot be ragged: each device list travels as one string.
-                "device_ids": ["\x1f".join(p.device_ids) for _, p in peaks],
-            },
-        ).fetchall()
-        inserted = {int(row["account_id"]): int(row["id"]) for row in rows}
-        if on_closed is not None:
-            for statement_id in inserted.values():
-                on_closed(conn, statement_id)
+        ids = sorted(account.id for account, _ in priced)
+        conn.execute("SELECT id FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))
+        done = {
+            row["account_id"]
+            for row in conn.execute(
+                "SELECT account_id FROM statements WHERE month = %s AND account_id = ANY(%s)",
+                (first, ids),
+            )
+        }
+        for account, _ in priced:
+            if account.id in done:
+                report.already_closed.append(account.ref)
+        priced = [(a, st) for a, st in priced if a.id not in done]
+        uses = _take_credits(conn, priced, first, now)
+        priced = [
+            (a, replace(st, credits_applied=applied, amount_due=st.amount_due - applied))
+            for a, st in priced
+            for applied in [credits.money_of(sum(p for _, p in uses.get(a.id, [])), st.currency)]
+        ]
+        inserted = _insert_locked(conn, first, priced, on_closed)
+        for account, _ in priced:
+            statement_id = inserted.get(account.id)
+            if statement_id is not None:
+                credits.record_uses(conn, account.id, statement_id, uses.get(account.id, []), now)
+        credits.expire(conn, ids, now)
     for account, _ in priced:
         # Not inserted: another closer got there first (the unique key waited for it).
         (report.closed if account.id in inserted else report.already_closed).append(account.ref)
+
+
+def _take_credits(
+    conn: Conn, priced: list[tuple[Account, Statement]], first: date, now: datetime
+) -> dict[int, list[tuple[int, int]]]:
+    """Which grants pay which statement (P4), read under the accounts' lock."""
+    owed = {a.id: st for a, st in priced if st.amount_due > 0}
+    if not owed:
+        return {}
+    last_day = date(first.year, first.month, calendar.monthrange(first.year, first.month)[1])
+    grants = credits.grants_of(conn, list(owed))
+    return {
+        account_id: credits.plan_use(
+            credits.points_of(st.amount_due, st.currency), grants[account_id], last_day, now
+        )
+        for account_id, st in owed.items()
+        if account_id in grants
+    }
+
+
+def _insert_locked(
+    conn: Conn,
+    first: date,
+    priced: list[tuple[Account, Statement]],
+    on_closed: Callable[[Conn, int], None] | None,
+) -> dict[int, int]:
+    if not priced:
+        return {}
+    statements = [statement for _, statement in priced]
+    lines = [(account.id, n, x) for account, st in priced for n, x in enumerate(st.lines, 1)]
+    peaks = [(account.id, p) for account, st in priced for p in st.peaks.values()]
+    rows = conn.execute(
+        _INSERT_STATEMENTS,
+        {
+            "month": first,
+            "closed_by": _CLOSER,
+            "account_id": [account.id for account, _ in priced],
+            "timezone": [account.timezone for account, _ in priced],
+            "period_start": [x.period_start for x in statements],
+            "period_end": [x.period_end for x in statements],
+            "plan": [x.plan for x in statements],
+            "currency": [x.currency for x in statements],
+            "subtotal": [x.subtotal for x in statements],
+            "tax_rate": [x.tax_rate for x in statements],
+            "tax": [x.tax for x in statements],
+            "credits_applied": [x.credits_applied for x in statements],
+            "amount_due": [x.amount_due for x in statements],
+            "due_date": [x.due_date for x in statements],
+            "line_account": [account_id for account_id, _, _ in lines],
+            "line_no": [n for _, n, _ in lines],
+            "kind": [x.kind for _, _, x in lines],
+            "device_class": [x.device_class for _, _, x in lines],
+            "description": [x.description for _, _, x in lines],
+            "quantity": [x.quantity for _, _, x in lines],
+            "unit_price": [x.unit_price for _, _, x in lines],
+            "amount": [x.amount for _, _, x in lines],
+            "tier": [x.tier for _, _, x in lines],
+            "tier_from": [x.tier_from for _, _, x in lines],
+            "tier_to": [x.tier_to for _, _, x in lines],
+            "corrects_month": [x.corrects_month for _, _, x in lines],
+            "billed_quantity": [x.billed_quantity for _, _, x in lines],
+            "corrected_quantity": [x.corrected_quantity for _, _, x in lines],
+            "line_tax_rate": [x.tax_rate for _, _, x in lines],
+            "peak_account": [account_id for account_id, _ in peaks],
+            "peak_class": [p.device_class for _, p in peaks],
+            "peak": [p.peak for _, p in peaks],
+            "peak_at": [p.peak_at for _, p in peaks],
+            # text[][] cannot be ragged: each device list travels as one string.
+            "device_ids": ["\x1f".join(p.device_ids) for _, p in peaks],
+        },
+    ).fetchall()
+    inserted = {int(row["account_id"]): int(row["id"]) for row in rows}
+    if on_closed is not None:
+        for statement_id in inserted.values():
+            on_closed(conn, statement_id)
+    return inserted
 
 
 _CLOSER = f"{socket.gethostname()}:{os.getpid()}"
@@ -527,15 +873,19 @@ WITH s AS (
     RETURNING id, account_id
 ), lines AS (
     INSERT INTO statement_lines (statement_id, line_no, kind, device_class, description,
-        quantity, unit_price, amount, tier, tier_from, tier_to)
+        quantity, unit_price, amount, tier, tier_from, tier_to, corrects_month,
+        billed_quantity, corrected_quantity, tax_rate)
     SELECT s.id, l.line_no, l.kind, l.device_class, l.description, l.quantity, l.unit_price,
-        l.amount, l.tier, l.tier_from, l.tier_to
+        l.amount, l.tier, l.tier_from, l.tier_to, l.corrects_month, l.billed_quantity,
+        l.corrected_quantity, l.tax_rate
     FROM unnest(%(line_account)s::bigint[], %(line_no)s::int[], %(kind)s::text[],
         %(device_class)s::text[], %(description)s::text[], %(quantity)s::int[],
         %(unit_price)s::numeric[], %(amount)s::numeric[], %(tier)s::int[],
-        %(tier_from)s::int[], %(tier_to)s::int[])
+        %(tier_from)s::int[], %(tier_to)s::int[], %(corrects_month)s::date[],
+        %(billed_quantity)s::int[], %(corrected_quantity)s::int[], %(line_tax_rate)s::numeric[])
         AS l(account_id, line_no, kind, device_class, description, quantity, unit_price,
-             amount, tier, tier_from, tier_to)
+             amount, tier, tier_from, tier_to, corrects_month, billed_quantity,
+             corrected_quantity, tax_rate)
     JOIN s USING (account_id)
 ), peaks AS (
     INSERT INTO statement_peaks (statement_id, device_class, peak, peak_at, device_ids)

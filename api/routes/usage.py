@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import DB, State, allowed
 from api.problems import responses
 from api.schemas import (
-    ClassUsage,
     DailyUsageOut,
     DayClass,
     DayOut,
@@ -19,10 +18,9 @@ from api.schemas import (
     UsageOut,
 )
 from metering.access import Principal
-from metering.catalog import Catalog
 from metering.daily import daily_usage, load_events
-from metering.peak import ClassPeak, month_bounds
-from metering.pricing import class_amount, format_money
+from metering.peak import month_bounds
+from metering.pricing import format_money
 from metering.statements import (
     Statement,
     current_month,
@@ -30,6 +28,7 @@ from metering.statements import (
     get_usage,
     list_statements,
     statement_document,
+    usage_document,
 )
 
 router = APIRouter(prefix="/v1", tags=["usage"])
@@ -42,21 +41,6 @@ Month = Annotated[
 ]
 
 
-def priced_classes(
-    catalog: Catalog, plan_name: str, peaks: dict[str, ClassPeak]
-) -> tuple[str, dict[str, ClassUsage]]:
-    plan = catalog.plans.get(plan_name)
-    currency = plan.currency if plan else ""
-    out: dict[str, ClassUsage] = {}
-    for cls, peak in peaks.items():
-        amount = None
-        if plan is not None and cls in plan.classes:
-            total = class_amount(cls, plan.classes[cls], peak.peak, plan.currency)
-            amount = format_money(total, plan.currency)
-        out[cls] = ClassUsage(peak=peak.peak, peak_at=peak.peak_at, amount=amount)
-    return currency, out
-
-
 @router.get(
     "/usage",
     response_model=UsageOut,
@@ -65,17 +49,8 @@ def priced_classes(
 )
 def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> UsageOut:
     month = month or current_month(caller.timezone, datetime.now(UTC))
-    result = get_usage(conn, caller.account_ref, month, now=datetime.now(UTC))
-    currency, classes = priced_classes(app.catalog, caller.plan, result.classes)
-    return UsageOut(
-        account=result.account,
-        month=result.month,
-        status=result.status,
-        currency=currency,
-        period_start=result.period_start,
-        period_end=result.period_end,
-        classes=classes,
-    )
+    result = get_usage(conn, caller.account_ref, month, now=datetime.now(UTC), catalog=app.catalog)
+    return UsageOut.model_validate(usage_document(result))
 
 
 @router.get(
@@ -87,12 +62,12 @@ def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> Usa
 def usage_daily(caller: UsageReader, conn: DB, app: State, month: Month = None) -> DailyUsageOut:
     now = datetime.now(UTC)
     month = month or current_month(caller.timezone, now)
-    result = get_usage(conn, caller.account_ref, month, now=now)
+    result = get_usage(conn, caller.account_ref, month, now=now, catalog=app.catalog)
     start, end = month_bounds(month, caller.timezone)
     days = daily_usage(
         load_events(conn, caller.account_id, start, end), start, end, caller.timezone, until=now
     )
-    _, peak = priced_classes(app.catalog, caller.plan, result.classes)
+    peak = UsageOut.model_validate(usage_document(result)).classes
     return DailyUsageOut(
         account=caller.account_ref,
         month=month,

@@ -230,8 +230,13 @@ def test_one_failing_account_does_not_stop_the_others(
     worked_example(database_url, "aaa")
     worked_example(database_url, "bbb")
     worked_example(database_url, "ccc")
+    # October is priced at the plan in force when it began (P6): a plan the catalog lacks.
+    change = (
+        "INSERT INTO plan_changes (account_id, plan, effective_at, changed_by)"
+        " SELECT id, %s, '2026-09-30T15:00Z', 'test' FROM accounts WHERE ref = 'bbb'"
+    )
     with opener() as conn:
-        conn.execute("UPDATE accounts SET plan = 'retired-plan' WHERE ref = 'bbb'")
+        conn.execute(change, ("retired-plan",))
     report = close_month(opener, CATALOG, "2026-10", now=NOW)
     assert report.closed == ["aaa", "ccc"]
     assert list(report.failed) == ["bbb"]
@@ -243,7 +248,7 @@ def test_one_failing_account_does_not_stop_the_others(
     assert failure["attempts"] == 1
 
     with opener() as conn:
-        conn.execute("UPDATE accounts SET plan = 'standard' WHERE ref = 'bbb'")
+        conn.execute(change, ("standard",))
     report = close_month(opener, CATALOG, "2026-10", now=NOW)
     assert report.closed == ["bbb"]
     with opener() as conn:

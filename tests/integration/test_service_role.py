@@ -161,7 +161,8 @@ def test_no_line_or_peak_after_the_closing_transaction(
 ) -> None:
     line = (
         "INSERT INTO statement_lines (statement_id, line_no, kind, description, quantity, "
-        "unit_price, amount) SELECT id, 99, 'adjustment', 'late', 1, 1, 1 FROM statements"
+        "unit_price, amount, corrects_month) "
+        "SELECT id, 99, 'adjustment', 'late', 1, 1, 1, month FROM statements"
     )
     peak = (
         "INSERT INTO statement_peaks (statement_id, device_class, peak, peak_at, device_ids) "

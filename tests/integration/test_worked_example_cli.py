@@ -69,9 +69,16 @@ def test_october_peaks_at_12_and_bills_3500_graduated_3000_volume(
         "lte-m": {
             "peak": 12,
             "peak_at": "2026-10-05T00:00:00Z",
+            "amount": "3500",
             "devices": sorted(f"acme-d{n}" for n in range(1, 13)),
         }
     }
+    assert (usage["plan"], usage["subtotal"], usage["tax"], usage["total"]) == (
+        "standard",
+        "3500",
+        "350",
+        "3850",
+    )
 
     # With a webhook configured, each statement closed is queued for delivery with it.
     hooked = Cli({**cli.env, "DEVMETER_WEBHOOK_URL": "http://127.0.0.1:9/billing"}, cli.cwd)
@@ -92,7 +99,9 @@ def test_october_peaks_at_12_and_bills_3500_graduated_3000_volume(
         (10, "300", "3000"),
         (2, "250", "500"),
     ]
-    assert statement["usage"] == {"lte-m": {"peak": 12, "peak_at": "2026-10-05T00:00:00Z"}}
+    assert statement["usage"] == {
+        "lte-m": {"peak": 12, "peak_at": "2026-10-05T00:00:00Z", "amount": "3500"}
+    }
     volume = ok(cli("statement", "--account", "vol", "--month", "2026-10"))
     assert volume["subtotal"] == "3000"
     assert [(x["quantity"], x["unit_price"]) for x in volume["lines"]] == [(12, "250")]  # type: ignore[attr-defined]
@@ -128,3 +137,42 @@ def test_refusals_are_one_line(imported: Cli) -> None:
         assert result.code == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_worked_example_ends_at_2850_after_1000_points(imported: Cli) -> None:
+    """SPEC's worked example through the CLI: subtotal 3,500, tax 350, points 1,000, due 2,850."""
+    cli = imported
+    granted = ok(
+        cli(
+            "credits",
+            "grant",
+            "--account",
+            "acme",
+            "--points",
+            "1000",
+            "--reason",
+            "welcome",
+            "--expires",
+            "2026-10-31",
+            "--at",
+            "2026-10-01T09:00:00",
+        )
+    )
+    assert granted["balance"] == "1000"
+    assert granted["granted"]["expires_on"] == "2026-10-31"  # type: ignore[index]
+    ok(cli("close", "--month", "2026-10", "--account", "acme"))
+    statement = ok(cli("statement", "--account", "acme", "--month", "2026-10"))
+    totals = ("subtotal", "tax_rate", "tax", "credits_applied", "amount_due")
+    assert {k: statement[k] for k in totals} == {
+        "subtotal": "3500",
+        "tax_rate": "0.10",
+        "tax": "350",
+        "credits_applied": "1000",
+        "amount_due": "2850",
+    }
+    balance = ok(cli("credits", "balance", "--account", "acme"))
+    assert balance["balance"] == "0"
+    assert [(e["kind"], e["points"], e["month"]) for e in balance["ledger"]] == [  # type: ignore[attr-defined]
+        ("grant", "1000", None),
+        ("use", "-1000", "2026-10"),
+    ]

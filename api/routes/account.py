@@ -52,8 +52,8 @@ def read_payment_method(caller: Viewer, conn: DB) -> PaymentMethodOut:
     responses=responses(400, 401, 403, 415, 422),
     summary="Set or replace the payment method (owner only); the previous one stays in history",
     description="Send the payment provider's token, never a card number: a reference with 13 "
-    "to 19 digits in a row is refused. `invoice` is for accounts in Japan only. Setting the "
-    "method already on file changes nothing.",
+    "or more digits in a row (spaces or dashes between them allowed) is refused. `invoice` is "
+    "for accounts in Japan only. Setting the method already on file changes nothing.",
 )
 def put_payment_method(body: PaymentMethodIn, caller: Owner, conn: DB) -> PaymentMethodOut:
     with conn.transaction():

@@ -64,7 +64,7 @@ def rows(url: str, query: LiteralString) -> list[tuple[Any, ...]]:
 @pytest.fixture
 def client(database_url: str, mqtt_url: str, pro_catalog_path: Path) -> Iterator[TestClient]:
     """The API and console with the tests' catalog: the shipped plans and `pro`."""
-    config = Settings(  # type: ignore[call-arg]
+    config = Settings(
         admin_token="op-token-for-tests",  # type: ignore[arg-type]
         env="test",
         catalog=pro_catalog_path,
@@ -431,11 +431,11 @@ def test_a_suspended_account_cannot_register_or_activate(
     assert rows(database_url, "SELECT count(*) FROM account_status_changes") == [(1,)]
 
     before = snapshot(database_url)
-    for request in (
-        lambda: client.post("/v1/devices", json={"class": "lte-m", "id": "new"}, headers=h),
-        lambda: client.post("/v1/devices/off/activate", headers=h),
+    for refused in (
+        client.post("/v1/devices", json={"class": "lte-m", "id": "new"}, headers=h),
+        client.post("/v1/devices/off/activate", headers=h),
     ):
-        body = assert_problem(request(), 403, "account")
+        body = assert_problem(refused, 403, "account")
         assert "account 'acme' is suspended" in body["detail"]
     assert snapshot(database_url) == before
     # Deactivating lowers what the account is charged: allowed while suspended.

@@ -64,7 +64,7 @@ def problem(
 _DESCRIPTIONS: Final = {
     400: "Malformed request (a body that cannot be read, e.g. not UTF-8)",
     401: "Missing, unknown or revoked credentials",
-    403: "The caller's role may not do this",
+    403: "The caller's role may not do this, or the account is suspended",
     404: "No such object in the caller's account",
     409: "Conflicts with the current state",
     415: "The body is not JSON (Content-Type must be application/json)",

@@ -280,6 +280,51 @@ class AccountCreated(AccountOut):
     owner_key: str = Field(description="the owner's API key, shown this once")
 
 
+class PaymentMethodIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["card", "invoice", "convenience_store"] = Field(
+        description="invoice: accounts in Japan only", examples=["card"]
+    )
+    reference: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=NO_NUL,
+        description="the payment provider's token for the method, never a card number",
+        examples=["pm_1NqXyzAbc"],
+    )
+
+
+class PaymentMethodOut(BaseModel):
+    account: str
+    kind: Literal["card", "invoice", "convenience_store"]
+    reference: str
+    set_at: datetime = Field(description="when this method was put on file")
+    source: Literal["api", "console", "cli"] = Field(
+        description="where it was set: api or console (the owner), cli (the operator)"
+    )
+
+
+class AccountStatusIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(
+        default=None, max_length=500, pattern=NO_NUL, examples=["payment not confirmed"]
+    )
+
+
+class AccountStatusOut(BaseModel):
+    account: str
+    status: Literal["active", "suspended"]
+    changed: bool = Field(
+        description="false when the account already had this status: nothing was recorded"
+    )
+    changed_at: datetime | None = Field(
+        description="the instant of the account's latest suspension or resumption"
+    )
+    reason: str | None = Field(description="the reason given with that change")
+
+
 class CloseIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,5 @@
-"""The console's pages under /console: sign-in, devices, usage with its tier what-if, statements.
+"""The console's pages under /console: sign-in, devices, usage with its tier what-if, statements,
+the account with its payment method.
 
 Pages call the same metering functions as the REST API (api/routes), never the API over
 HTTP. Every parameter arrives as a plain string and is checked here, so a bad query or form
@@ -41,6 +42,7 @@ from devmeter.errors import DevmeterError, InvalidError
 from ingest.protocol import connection, mosquitto_pub_command
 from ingest.rejections import REASON_HELP, REASONS, RejectionFilter, list_rejections
 from metering.access import Principal, authenticate
+from metering.accounts import current_payment_method, set_payment_method
 from metering.catalog import Catalog, Plan
 from metering.daily import daily_usage, load_events
 from metering.peak import month_bounds
@@ -172,6 +174,8 @@ def render(
         title=title,
         may_write=bool(principal and principal.may("devices:write")),
         may_statements=bool(principal and principal.may("statements:read")),
+        may_usage=bool(principal and principal.may("usage:read")),
+        may_account=bool(principal and principal.may("payment_method:read")),
         tz=principal.timezone if principal else "UTC",
         local=local_time,
         money=display_money,
@@ -196,6 +200,9 @@ def forbidden(session: Session, what: str) -> HTMLResponse:
     allowed = {
         "devices:write": "the owner and developers",
         "statements:read": "managers and the owner",
+        "usage:read": "managers and the owner",
+        "payment_method:read": "managers and the owner",
+        "payment_method:write": "the owner",
     }[what]
     return error_page(
         session,
@@ -457,11 +464,12 @@ def new_device_form(request: Request, conn: DB, session: Signed) -> Response:
     plan = _plan(_app_state(request).catalog, session.principal)
     classes = sorted(plan.classes) if plan else []
     chosen = default_class(conn, session.principal.account_id, classes)
-    return _register_page(request, session, values={"device_class": chosen})
+    return _register_page(request, conn, session, values={"device_class": chosen})
 
 
 def _register_page(
     request: Request,
+    conn: Conn,
     session: Session,
     *,
     values: dict[str, str],
@@ -470,6 +478,12 @@ def _register_page(
     status: int = 200,
 ) -> Response:
     plan = _plan(_app_state(request).catalog, session.principal)
+    # Said before the form is filled in, not only after it is refused (A2).
+    needs_payment = bool(
+        plan
+        and plan.payment_method_required
+        and current_payment_method(conn, session.principal.account_id) is None
+    )
     return render(
         "device_new.html",
         session,
@@ -477,6 +491,7 @@ def _register_page(
         section="devices",
         title="Register a device",
         classes=sorted(plan.classes) if plan else [],
+        needs_payment=needs_payment,
         values=values,
         error=error,
         error_field=error_field,
@@ -523,6 +538,7 @@ def register(
     except DevmeterError as exc:
         return _register_page(
             request,
+            conn,
             session,
             values=values,
             error=exc.message,
@@ -702,6 +718,8 @@ def active_now(conn: Conn, account_id: int) -> dict[str, int]:
 @router.get("/usage")
 def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> Response:
     principal = session.principal
+    if not principal.may("usage:read"):
+        return forbidden(session, "usage:read")
     now = datetime.now(UTC)
     current = current_month(principal.timezone, now)
     chosen = month.strip() or current
@@ -867,6 +885,93 @@ def statement_page(request: Request, conn: DB, session: Signed, month: str) -> R
         title=f"Statement {statement.month}",
         statement=statement,
     )
+
+
+# --- account and payment method ------------------------------------------------------------
+
+#: The kinds of payment method as people read them (A2), in the form's order.
+PAYMENT_KIND_NAMES: Final = {
+    "card": "Credit card",
+    "invoice": "Invoice (accounts in Japan)",
+    "convenience_store": "Convenience store",
+}
+
+
+def _account_page(
+    request: Request,
+    conn: Conn,
+    session: Session,
+    *,
+    values: dict[str, str] | None = None,
+    error: str = "",
+    error_field: str = "",
+    notice: str = "",
+    status: int = 200,
+) -> Response:
+    principal = session.principal
+    plan = _plan(_app_state(request).catalog, principal)
+    return render(
+        "account.html",
+        session,
+        status=status,
+        section="account",
+        title="Account",
+        method=current_payment_method(conn, principal.account_id),
+        payment_required=bool(plan and plan.payment_method_required),
+        may_set_payment=principal.may("payment_method:write"),
+        kind_names=PAYMENT_KIND_NAMES,
+        values=values or {},
+        error=error,
+        error_field=error_field,
+        notice=notice,
+    )
+
+
+@router.get("/account")
+def account_page(request: Request, conn: DB, session: Signed, saved: str = "") -> Response:
+    if not session.principal.may("payment_method:read"):
+        return forbidden(session, "payment_method:read")
+    notice = "The payment method is on file." if saved else ""
+    return _account_page(request, conn, session, notice=notice)
+
+
+@router.post("/account/payment-method")
+def payment_method(
+    request: Request,
+    conn: DB,
+    session: Checked,
+    kind: Annotated[str, Form()] = "",
+    reference: Annotated[str, Form()] = "",
+) -> Response:
+    principal = session.principal
+    if not principal.may("payment_method:write"):
+        return forbidden(session, "payment_method:write")
+    reference = reference.strip()
+    try:
+        if not reference:
+            raise InvalidError("enter the payment provider's reference", field="reference")
+        with conn.transaction():
+            set_payment_method(
+                conn,
+                account_ref=principal.account_ref,
+                kind=kind,
+                reference=reference,
+                at=datetime.now(UTC),
+                source="console",
+                member_id=principal.member_id,
+            )
+    except DevmeterError as exc:
+        # A refused reference is not echoed back into the form: it may be a card number.
+        return _account_page(
+            request,
+            conn,
+            session,
+            values={"kind": kind},
+            error=exc.message,
+            error_field=exc.field or "",
+            status=exc.status_code if exc.status_code < 500 else 500,
+        )
+    return redirect("/console/account?saved=1")
 
 
 # Last, so that it only catches what nothing above matched (static files are a mount).

@@ -320,6 +320,111 @@ def credits_balance(account_ref: str) -> None:
     emit(ledger.balance_document(balance))
 
 
+@accounts.command("show")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@reports_errors
+def accounts_show(account_ref: str) -> None:
+    """Show an account: plan, status with its latest changes, payment method on file."""
+    from metering.accounts import current_payment_method, status_changes
+    from metering.registry import get_account
+
+    with transaction(settings()) as conn:
+        account = get_account(conn, account_ref)
+        method = current_payment_method(conn, account.id)
+        changes = status_changes(conn, account.id, limit=10)
+    emit(
+        {
+            "account": account,
+            "payment_method": _payment_method_json(method) if method else None,
+            "status_changes": changes,
+        }
+    )
+
+
+@accounts.command("set-payment-method")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@click.option(
+    "--kind",
+    required=True,
+    type=click.Choice(["card", "invoice", "convenience_store"]),
+    help="invoice: accounts in Japan only.",
+)
+@click.option(
+    "--reference",
+    required=True,
+    help="The payment provider's token (e.g. pm_...), never a card number.",
+)
+@reports_errors
+def accounts_set_payment_method(account_ref: str, kind: str, reference: str) -> None:
+    """Put a payment method on file for an account (the previous one stays in its history).
+
+    Setting the method already on file changes nothing ("changed": false).
+    """
+    from metering.accounts import set_payment_method
+
+    with transaction(settings()) as conn:
+        method, changed = set_payment_method(
+            conn, account_ref=account_ref, kind=kind, reference=reference, at=_now(), source="cli"
+        )
+    emit({**_payment_method_json(method), "changed": changed})
+
+
+def _payment_method_json(method: Any) -> dict[str, object]:
+    return {
+        "account": method.account_ref,
+        "kind": method.kind,
+        "reference": method.reference,
+        "set_at": method.created_at,
+        "source": method.source,
+    }
+
+
+@accounts.command("suspend")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@click.option("--reason", help="Why, e.g. 'payment not confirmed' (recorded with the change).")
+@reports_errors
+def accounts_suspend(account_ref: str, reason: str | None) -> None:
+    """Suspend an account (SPEC A3): its devices cannot be registered or activated.
+
+    Heartbeats are still stored, devices may still be deactivated, and its months still close.
+    Suspending a suspended account changes nothing ("changed": false).
+    """
+    _set_account_status(account_ref, "suspended", reason)
+
+
+@accounts.command("resume")
+@click.option("--account", "account_ref", required=True, help="Account ref.")
+@click.option("--reason", help="Why, e.g. 'payment received' (recorded with the change).")
+@reports_errors
+def accounts_resume(account_ref: str, reason: str | None) -> None:
+    """Resume a suspended account: registration and activation work again."""
+    _set_account_status(account_ref, "active", reason)
+
+
+def _set_account_status(account_ref: str, status: str, reason: str | None) -> None:
+    from metering.accounts import set_account_status
+
+    with transaction(settings()) as conn:
+        result = set_account_status(
+            conn,
+            account_ref=account_ref,
+            status="suspended" if status == "suspended" else "active",
+            at=_now(),
+            source="cli",
+            reason=reason,
+        )
+    last = result.last_change
+    emit(
+        {
+            "account": result.account.ref,
+            "status": result.account.status,
+            "changed": result.changed,
+            "changed_at": last.changed_at if last else None,
+            "reason": last.reason if last else None,
+        }
+    )
+
+
 @main.group()
 def devices() -> None:
     """Devices: register, activate/deactivate, list. Devices are never deleted."""

@@ -22,17 +22,20 @@ Role = Literal["owner", "manager", "developer"]
 ROLES: Final = ("owner", "manager", "developer")
 
 #: What each role may do (A1). Developers manage devices; managers and the owner see usage and
-#: statements; every role sees its account's refused heartbeats; only the owner manages
-#: members (and, later, the plan and payment method).
+#: statements (developers do not: usage is what the account is billed); every role sees its
+#: account's refused heartbeats; only the owner manages members and sets the payment method,
+#: which managers may see, as they see what it pays.
 PERMISSIONS: Final[dict[str, frozenset[Role]]] = {
     "devices:read": frozenset({"owner", "manager", "developer"}),
     "devices:write": frozenset({"owner", "developer"}),
-    "usage:read": frozenset({"owner", "manager", "developer"}),
+    "usage:read": frozenset({"owner", "manager"}),
     # Developers above all: they are who debug a device's payloads.
     "rejections:read": frozenset({"owner", "manager", "developer"}),
     "statements:read": frozenset({"owner", "manager"}),
     "members:read": frozenset({"owner", "manager"}),
     "members:write": frozenset({"owner"}),
+    "payment_method:read": frozenset({"owner", "manager"}),
+    "payment_method:write": frozenset({"owner"}),
 }
 
 

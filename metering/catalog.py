@@ -109,7 +109,9 @@ _ROUNDINGS: Final[Mapping[str, Rounding]] = {
 }
 
 _TOP_KEYS: Final = frozenset({"plans", "tax"})
-_PLAN_KEYS: Final = frozenset({"currency", "base_fee", "free_signup_month", "classes"})
+_PLAN_KEYS: Final = frozenset(
+    {"currency", "base_fee", "free_signup_month", "payment_method_required", "classes"}
+)
 _CLASS_KEYS: Final = frozenset({"mode", "tiers"})
 _TIER_KEYS: Final = frozenset({"up_to", "price", "flat"})
 _TAX_KEYS: Final = frozenset({"rates"})
@@ -185,6 +187,8 @@ class Plan:
     base_fee: Decimal
     free_signup_month: bool
     classes: Mapping[str, ClassPricing]
+    #: A2: devices can be registered only once the account has a payment method on file.
+    payment_method_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +320,13 @@ class _Parser:
                 f"must be true or false, got {_kind(free_signup_month)}",
             )
 
+        payment_method_required = table.get("payment_method_required", False)
+        if not isinstance(payment_method_required, bool):
+            raise self.fail(
+                _join(key, "payment_method_required"),
+                f"must be true or false, got {_kind(payment_method_required)}",
+            )
+
         classes_key = _join(key, "classes")
         raw_classes = self.table(table.get("classes", {}), classes_key)
         if not raw_classes:
@@ -330,6 +341,7 @@ class _Parser:
             base_fee=base_fee,
             free_signup_month=free_signup_month,
             classes=MappingProxyType(classes),
+            payment_method_required=payment_method_required,
         )
 
     def class_pricing(self, name: str, raw: object, key: str, minor_units: int) -> ClassPricing:

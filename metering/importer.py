@@ -31,7 +31,12 @@ from psycopg.rows import tuple_row
 
 from devmeter.errors import ConflictError, InvalidError
 from metering.catalog import Catalog
-from metering.registry import DEVICE_ID, GATEWAY_CLASS, EventSource
+from metering.registry import (
+    DEVICE_ID,
+    GATEWAY_CLASS,
+    EventSource,
+    payment_method_required_message,
+)
 from metering.secrets import DEVICE_KEY_PREFIX, new_secret
 
 __all__ = ["ImportResult", "ImportRowError", "Progress", "import_history"]
@@ -63,7 +68,11 @@ _DEVICE_TYPES: Final = [
 _EVENT_TYPES: Final = ["timestamptz", "text", "int8", "text", "text", "text"]
 _STAGE_TYPES: Final = ["int8", *_EVENT_TYPES]
 
-_SELECT_ACCOUNTS: Final[LiteralString] = "SELECT id, ref, plan, status FROM accounts"
+_SELECT_ACCOUNTS: Final[LiteralString] = (
+    "SELECT id, ref, plan, status,"
+    " EXISTS (SELECT 1 FROM payment_methods p WHERE p.account_id = a.id) AS paying"
+    " FROM accounts a"
+)
 _SELECT_DIRECTORY: Final[LiteralString] = (
     "SELECT account_id, id, device_class, registered_at FROM devices"
 )
@@ -155,6 +164,8 @@ class _Account:
     ref: str
     plan: str
     suspended: bool
+    #: A payment method is on file (A2).
+    paying: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +230,8 @@ def import_history(
     # a savepoint inside it rather than a transaction of its own that would commit.
     with conn.cursor(row_factory=tuple_row) as cur:
         accounts = {
-            str(ref): _Account(int(id_), str(ref), str(plan), status == "suspended")
-            for id_, ref, plan, status in cur.execute(_SELECT_ACCOUNTS)
+            str(ref): _Account(int(id_), str(ref), str(plan), status == "suspended", bool(paying))
+            for id_, ref, plan, status, paying in cur.execute(_SELECT_ACCOUNTS)
         }
         # In UTC like the parsed times: comparing datetimes of two different tzinfo objects is
         # an order of magnitude slower, and there is one comparison per event.
@@ -448,6 +459,9 @@ def _read_devices(
                 raise source.error(
                     f"plan {account.plan!r} of account {ref!r} is not in the catalog"
                 )
+            if plan.payment_method_required and not account.paying:
+                # A2, as for a registration through the console or the API.
+                raise source.error(f"account {ref!r}: {payment_method_required_message(plan.name)}")
             classes = plan.classes
             if device_class not in classes:
                 known = ", ".join(sorted(classes))

@@ -110,3 +110,39 @@ SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gatew
        d.state_since
 FROM devices d JOIN accounts a ON a.id = d.account_id
 WHERE d.id = %(id)s AND d.account_id = %(account_id)s;
+
+-- Payment methods and account status (SPEC A2, A3; migration 0013).
+
+-- name: select_current_payment_method
+-- The method in force is the latest registered (the table is append-only history).
+SELECT p.id, a.ref AS account_ref, p.kind, p.reference, p.member_id, p.source, p.created_at
+FROM payment_methods p JOIN accounts a ON a.id = p.account_id
+WHERE p.account_id = %(account_id)s
+ORDER BY p.created_at DESC, p.id DESC
+LIMIT 1;
+
+-- name: insert_payment_method
+INSERT INTO payment_methods (account_id, kind, reference, member_id, source, created_at)
+VALUES (%(account_id)s, %(kind)s, %(reference)s, %(member_id)s, %(source)s, %(at)s)
+RETURNING id;
+
+-- name: select_account_for_update
+-- Locked, so that two suspensions (or a suspension and a resumption) of one account are
+-- applied one after the other and each records a change only if it made one.
+SELECT id, ref, name, plan, country, timezone, signed_up_on, status, created_at
+FROM accounts WHERE ref = %(ref)s
+FOR UPDATE;
+
+-- name: update_account_status
+UPDATE accounts SET status = %(status)s WHERE id = %(account_id)s;
+
+-- name: insert_account_status_change
+INSERT INTO account_status_changes (account_id, status, reason, source, changed_at)
+VALUES (%(account_id)s, %(status)s, %(reason)s, %(source)s, %(at)s);
+
+-- name: select_account_status_changes
+SELECT status, reason, source, changed_at
+FROM account_status_changes
+WHERE account_id = %(account_id)s
+ORDER BY changed_at DESC, id DESC
+LIMIT %(limit)s;

@@ -211,7 +211,10 @@ def register_device(
     _refuse_nul(name=name, gateway_id=gateway_id, id=device_id, **{"class": device_class})
     account = get_account(conn, account_ref)
     _require_not_suspended(account)
-    classes = catalog.plans[account.plan].classes
+    plan = catalog.plans[account.plan]
+    if plan.payment_method_required:
+        _require_payment_method(conn, account)
+    classes = plan.classes
     if device_class not in classes:
         known = ", ".join(sorted(classes))
         raise InvalidError(
@@ -489,6 +492,22 @@ def _require_not_suspended(account: Account) -> None:
         raise ForbiddenError(
             f"account {account.ref!r} is suspended: devices cannot be registered", field="account"
         )
+
+
+def _require_payment_method(conn: Conn, account: Account) -> None:
+    # A2: a paid plan needs a payment method on file before a device can be registered. Only
+    # registration asks: a device registered before, or reactivated, is not refused.
+    on_file = conn.execute(Q["select_current_payment_method"], {"account_id": account.id})
+    if on_file.fetchone() is None:
+        raise ConflictError(payment_method_required_message(account.plan), field="payment_method")
+
+
+def payment_method_required_message(plan: str) -> str:
+    return (
+        f"plan {plan!r} needs a payment method on file before devices can be registered: "
+        "the account owner sets one with PUT /v1/payment-method or on the console's Account "
+        "page (operator: devmeter accounts set-payment-method)"
+    )
 
 
 def _require_aware(at: datetime) -> None:

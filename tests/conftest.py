@@ -160,6 +160,34 @@ def cli(cli_env: dict[str, str], owner_database_url: str, tmp_path: Path) -> Cli
     )
 
 
+#: A plan that needs a payment method on file before devices can be registered (SPEC A2), for
+#: the tests' catalogs; the shipped catalog has none.
+PRO_PLAN = """
+[plans.pro]
+currency = "JPY"
+base_fee = "5000"
+payment_method_required = true
+
+[plans.pro.classes.lte-m]
+mode = "graduated"
+tiers = [ { up_to = 10, price = "280" }, { price = "230" } ]
+
+[plans.pro.classes.gateway]
+mode = "graduated"
+tiers = [ { price = "450" } ]
+"""
+
+
+@pytest.fixture
+def pro_catalog_path(tmp_path: Path) -> Path:
+    """The shipped catalog plus plan `pro` (PRO_PLAN), as a file for DEVMETER_CATALOG."""
+    from metering.catalog import DEFAULT_CATALOG_PATH
+
+    path = tmp_path / "catalog-with-pro.toml"
+    path.write_text(DEFAULT_CATALOG_PATH.read_text(encoding="utf-8") + PRO_PLAN, encoding="utf-8")
+    return path
+
+
 def seed_fleet(
     url: str,
     devices: Iterable[tuple[str, str, str | None]],

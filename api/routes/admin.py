@@ -5,14 +5,24 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse, Response
 from psycopg.rows import class_row
 
 from api.deps import DB, State, operator
 from api.problems import responses
-from api.schemas import AccountCreated, AccountIn, AccountOut, CloseIn, CloseOut
+from api.schemas import (
+    NO_NUL,
+    AccountCreated,
+    AccountIn,
+    AccountOut,
+    AccountStatusIn,
+    AccountStatusOut,
+    CloseIn,
+    CloseOut,
+)
 from devmeter.db import connect
+from metering.accounts import AccountStatus, set_account_status
 from metering.export import export_month
 from metering.registry import Account, create_account
 from metering.statements import close_month
@@ -59,6 +69,54 @@ def accounts(conn: DB) -> list[AccountOut]:
     with conn.cursor(row_factory=class_row(Account)) as cur:
         rows = cur.execute("SELECT * FROM accounts ORDER BY ref").fetchall()
     return [AccountOut(**{f: getattr(a, f) for f in AccountOut.model_fields}) for a in rows]
+
+
+AccountRef = Annotated[str, Path(max_length=63, pattern=NO_NUL)]
+StatusBody = Annotated[AccountStatusIn | None, Body()]
+
+
+def _set_status(
+    conn: DB, ref: str, status: AccountStatus, body: AccountStatusIn | None
+) -> AccountStatusOut:
+    with conn.transaction():
+        result = set_account_status(
+            conn,
+            account_ref=ref,
+            status=status,
+            at=datetime.now(UTC),
+            source="api",
+            reason=body.reason if body else None,
+        )
+    last = result.last_change
+    return AccountStatusOut(
+        account=result.account.ref,
+        status=status,
+        changed=result.changed,
+        changed_at=last.changed_at if last else None,
+        reason=last.reason if last else None,
+    )
+
+
+@router.post(
+    "/accounts/{ref}/suspend",
+    response_model=AccountStatusOut,
+    responses=responses(400, 401, 404, 415, 422),
+    summary="Suspend an account (A3): registration and activation refused, heartbeats stored",
+    description="Idempotent: suspending a suspended account answers 200 with `changed: false` "
+    "and records nothing. Devices may still be deactivated; months still close.",
+)
+def suspend(ref: AccountRef, conn: DB, body: StatusBody = None) -> AccountStatusOut:
+    return _set_status(conn, ref, "suspended", body)
+
+
+@router.post(
+    "/accounts/{ref}/resume",
+    response_model=AccountStatusOut,
+    responses=responses(400, 401, 404, 415, 422),
+    summary="Resume a suspended account (idempotent, like suspend)",
+)
+def resume(ref: AccountRef, conn: DB, body: StatusBody = None) -> AccountStatusOut:
+    return _set_status(conn, ref, "active", body)
 
 
 @router.post(

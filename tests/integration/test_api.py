@@ -329,7 +329,11 @@ def test_roles(client: TestClient) -> None:
         422,
         "role",
     )
-    assert client.get("/v1/usage", headers=bearer(developer)).status_code == 200
+    # A1: developers manage devices; usage and statements are for managers and the owner.
+    for path in ("/v1/usage", "/v1/usage/daily"):
+        assert_problem(client.get(path, headers=bearer(developer)), 403, "role")
+        for key in (manager, owner):
+            assert client.get(path, headers=bearer(key)).status_code == 200, path
 
 
 def _owner_key(database_url: str, ref: str) -> str:

@@ -715,7 +715,8 @@ def test_names_are_escaped_in_every_page(client: TestClient) -> None:
     owner = make_account(client, "acme")
     _, _, developer = add_member(client, owner, "developer")
     # Member names are shown in the header; they are user input too.
-    r = client.post("/v1/members", json={"name": XSS, "role": "developer"}, headers=bearer(owner))
+    # A manager: the usage pages below are not for developers (A1).
+    r = client.post("/v1/members", json={"name": XSS, "role": "manager"}, headers=bearer(owner))
     assert r.status_code == 201
     evil_member = r.json()["key"]
     api_device(client, owner, **{"class": "lte-m", "id": "d2", "name": XSS_ATTR})
@@ -750,7 +751,9 @@ def test_names_are_escaped_in_every_page(client: TestClient) -> None:
             409,
         ),
         "not found": assert_page(client.get("/console/devices/" + "x%3Cscript%3E"), 404),
-        "usage": assert_page(client.get("/console/usage", params={"month": XSS}), 422),
+        "usage, refused to a developer": assert_page(
+            client.get("/console/usage", params={"month": XSS}), 403
+        ),
         "unknown page": assert_page(client.get("/console/%3Cscript%3Ealert(1)%3C/script%3E"), 404),
     }
     for name, text in pages.items():
@@ -766,9 +769,13 @@ def test_names_are_escaped_in_every_page(client: TestClient) -> None:
 
     header = browser(client)
     sign_in(header, evil_member)
-    text = assert_page(header.get("/console/usage"))
-    assert escaped in text
-    assert "<script>alert" not in text
+    for text in (
+        assert_page(header.get("/console/usage")),
+        assert_page(header.get("/console/usage", params={"month": XSS}), 422),
+        assert_page(header.get("/console/account")),
+    ):
+        assert escaped in text
+        assert "<script>alert" not in text
 
 
 # --- usage and statements ------------------------------------------------------------------

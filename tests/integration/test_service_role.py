@@ -24,6 +24,9 @@ EVIDENCE = (
     "statement_peaks",
     "webhook_attempts",
     "rejected_heartbeats",
+    # Histories of an account's payment methods and suspensions (migration 0013).
+    "payment_methods",
+    "account_status_changes",
 )
 #: Current state the service legitimately moves (devmeter/service_role.sql says who and why).
 UPDATABLE = {
@@ -55,6 +58,14 @@ def closed_october(database_url: str) -> None:
         conn.execute(
             "INSERT INTO rejected_heartbeats (received_at, topic, reason, detail, payload) "
             "VALUES (now(), 't', 'bad_json', 'x', '\\x00')"
+        )
+        conn.execute(
+            "INSERT INTO payment_methods (account_id, kind, reference, source, created_at)"
+            " SELECT id, 'card', 'pm_1', 'cli', now() FROM accounts WHERE ref = 'acme'"
+        )
+        conn.execute(
+            "INSERT INTO account_status_changes (account_id, status, source, changed_at)"
+            " SELECT id, 'suspended', 'cli', now() FROM accounts WHERE ref = 'acme'"
         )
         delivery = conn.execute(
             "INSERT INTO webhook_deliveries (statement_id, url, idempotency_key) "

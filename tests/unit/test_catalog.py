@@ -84,6 +84,8 @@ def test_default_catalog_is_the_shipped_file(default: Catalog) -> None:
     assert load_catalog(DEFAULT_CATALOG_PATH) == default
     assert sorted(default.plans) == ["standard", "standard-volume", "starter"]
     assert sorted(default.tax) == ["JP", "US"]
+    # No shipped plan asks for a payment method: registration works out of the box.
+    assert not [p for p in default.plans.values() if p.payment_method_required]
 
 
 def test_default_standard_lte_m_is_graduated_300_250_200(default: Catalog) -> None:
@@ -198,6 +200,7 @@ def test_optional_keys_default_to_no_fee_and_no_free_month(tmp_path: Path) -> No
     text = variant('base_fee = "0"\nfree_signup_month = false\n', "")
     plan = load_catalog(write(tmp_path, text)).plan("p")
     assert (plan.base_fee, plan.free_signup_month) == (Decimal("0"), False)
+    assert plan.payment_method_required is False
 
 
 def test_tax_table_is_optional(tmp_path: Path) -> None:
@@ -219,6 +222,11 @@ def test_tax_table_is_optional(tmp_path: Path) -> None:
         pytest.param(
             'free_signup_month = false', "free_signup_month = true",
             lambda c: c.plan("p").free_signup_month, True, id="free-month",
+        ),
+        pytest.param(
+            'free_signup_month = false',
+            "free_signup_month = false\npayment_method_required = true",
+            lambda c: c.plan("p").payment_method_required, True, id="payment-method-required",
         ),
         pytest.param(
             'from = "2019-10-01"', "from = 2019-10-01",
@@ -310,6 +318,11 @@ BAD_CATALOGS = [
     pytest.param(
         variant("free_signup_month = false", "free_signup_month = 1"),
         "plans.p.free_signup_month", "must be true or false", id="free-month-int",
+    ),
+    pytest.param(
+        variant("free_signup_month = false", 'payment_method_required = "yes"'),
+        "plans.p.payment_method_required", "must be true or false",
+        id="payment-method-required-string",
     ),
     pytest.param(PLAN + TAX, "plans.p.classes", "plan has no device classes", id="no-classes"),
     pytest.param(

@@ -377,3 +377,71 @@ class RejectionsPage(BaseModel):
         description="false when the window holds more than 10,000 rejections: the summary "
         "then counts the newest 10,000"
     )
+
+
+class PlanChangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: str = Field(min_length=1, max_length=64, pattern=NO_NUL, examples=["standard"])
+    at: AwareDatetime | None = Field(
+        default=None,
+        description="when the change takes effect (default: now; never in the future). At a "
+        "month's first instant it prices that month; later, from the next month (P6).",
+    )
+
+
+class PlanHistoryEntry(BaseModel):
+    plan: str
+    effective_at: datetime
+    recorded_at: datetime
+    changed_by: str
+
+
+class PlanOut(BaseModel):
+    account: str
+    plan: str = Field(description="the plan in force now")
+    history: list[PlanHistoryEntry]
+
+
+class PlanChangeOut(PlanOut):
+    previous_plan: str
+    effective_at: datetime
+    first_month: str = Field(description="the first month priced at the new plan (YYYY-MM)")
+    changed: bool = Field(description="false when the account was already on this plan")
+
+
+class CreditGrantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    points: int = Field(gt=0, le=10**12, description="1 point = 1 minor unit of the currency")
+    reason: str | None = Field(default=None, max_length=500, pattern=NO_NUL)
+    expires: date | None = Field(
+        default=None,
+        description="the last day (inclusive, account time zone) the points pay for; "
+        "default: never",
+    )
+    at: AwareDatetime | None = Field(default=None, description="when granted (default: now)")
+
+
+class LedgerEntryOut(BaseModel):
+    id: int
+    kind: Literal["grant", "use", "expiry"]
+    points: str
+    at: datetime
+    grant_id: int | None
+    expires_on: date | None
+    reason: str | None
+    month: str | None = Field(description="uses: the month the points paid")
+    remaining: str | None = Field(default=None, description="grants: points left")
+
+
+class CreditsOut(BaseModel):
+    account: str
+    currency: str
+    balance: str = Field(description="points (1 point = 1 minor unit of the currency)")
+    balance_amount: str = Field(description="the balance as an amount of the currency")
+    ledger: list[LedgerEntryOut]
+
+
+class CreditGrantOut(CreditsOut):
+    granted: LedgerEntryOut

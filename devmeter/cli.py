@@ -164,8 +164,9 @@ def accounts() -> None:
 @click.option("--tz", "timezone", help="Billing time zone (IANA). Default: DEVMETER_TIMEZONE.")
 @click.option(
     "--signed-up",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    help="Sign-up date (YYYY-MM-DD). Default: today in the billing time zone.",
+    metavar="DATE|ISO",
+    help="Sign-up day (YYYY-MM-DD) or instant (ISO; without an offset, in the billing time "
+    "zone): its month in that zone is the sign-up month (P5). Default: now.",
 )
 @click.option("--owner-email", help="The owner's e-mail address.")
 @reports_errors
@@ -175,7 +176,7 @@ def accounts_create(
     plan: str,
     country: str,
     timezone: str | None,
-    signed_up: datetime | None,
+    signed_up: str | None,
     owner_email: str | None,
 ) -> None:
     """Create an account with its owner; prints the owner's API key (shown only this once)."""
@@ -190,7 +191,7 @@ def accounts_create(
         validate_timezone(tz)
     except ValueError as exc:
         fail(f"--tz: {exc}")
-    signed_up_on = signed_up.date() if signed_up else _now().astimezone(ZoneInfo(tz)).date()
+    signed_up_on = _local_instant("--signed-up", signed_up, tz).astimezone(ZoneInfo(tz)).date()
     plans = catalog(config)
     with transaction(config) as conn:
         created = create_account(

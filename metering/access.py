@@ -36,6 +36,7 @@ PERMISSIONS: Final[dict[str, frozenset[Role]]] = {
     "members:write": frozenset({"owner"}),
     "payment_method:read": frozenset({"owner", "manager"}),
     "payment_method:write": frozenset({"owner"}),
+    "plan:write": frozenset({"owner"}),
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query
@@ -30,6 +30,15 @@ from metering.statements import close_month
 router = APIRouter(prefix="/v1/admin", tags=["operator"], dependencies=[Depends(operator)])
 
 
+def _today_in(tz: str) -> date:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return datetime.now(ZoneInfo(tz)).date()
+    except (ZoneInfoNotFoundError, ValueError):
+        return datetime.now(UTC).date()  # create_account refuses the zone with a clear error
+
+
 @router.post(
     "/accounts",
     status_code=201,
@@ -38,6 +47,7 @@ router = APIRouter(prefix="/v1/admin", tags=["operator"], dependencies=[Depends(
     summary="Create an account with its owner; the owner's API key is in this response only",
 )
 def add_account(body: AccountIn, conn: DB, app: State) -> JSONResponse:
+    tz = body.timezone or app.config.timezone
     with conn.transaction():
         created = create_account(
             conn,
@@ -46,8 +56,9 @@ def add_account(body: AccountIn, conn: DB, app: State) -> JSONResponse:
             name=body.name,
             plan=body.plan,
             country=body.country,
-            timezone=body.timezone or app.config.timezone,
-            signed_up_on=body.signed_up_on or datetime.now(UTC).date(),
+            timezone=tz,
+            # Today in the account's zone: its month there is the sign-up month (P5).
+            signed_up_on=body.signed_up_on or _today_in(tz),
             owner_name=body.owner_name,
             owner_email=body.owner_email,
         )

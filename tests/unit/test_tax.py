@@ -18,6 +18,9 @@ JP = TaxTable(
         TaxRate(date(2019, 10, 1), Decimal("0.10"), "down"),
         # A made-up change in the middle of a month, to show it waits for the next period.
         TaxRate(date(2026, 11, 15), Decimal("0.12"), "down"),
+        # Made-up changes on the 1st and on the 2nd of a month.
+        TaxRate(date(2027, 3, 1), Decimal("0.15"), "down"),
+        TaxRate(date(2027, 5, 2), Decimal("0.20"), "down"),
     ),
 )
 US = TaxTable("US", (TaxRate(date(2000, 1, 1), Decimal("0.0725"), "half_up"),))
@@ -34,6 +37,11 @@ US = TaxTable("US", (TaxRate(date(2000, 1, 1), Decimal("0.0725"), "half_up"),))
         (JP, date(2019, 10, 1), "1000", "JPY", "0.10", "100"),  # a change on the first day
         (JP, date(2026, 11, 1), "1000", "JPY", "0.10", "100"),  # a mid-month change waits ...
         (JP, date(2026, 12, 1), "1000", "JPY", "0.12", "120"),  # ... for the next period
+        (JP, date(2019, 9, 1), "3333", "JPY", "0.08", "266"),  # 266.64: down
+        (JP, date(2027, 2, 1), "1000", "JPY", "0.12", "120"),  # the month before a change ...
+        (JP, date(2027, 3, 1), "1000", "JPY", "0.15", "150"),  # ... on the 1st: that month
+        (JP, date(2027, 5, 1), "1000", "JPY", "0.15", "150"),  # a change on the 2nd ...
+        (JP, date(2027, 6, 1), "1000", "JPY", "0.20", "200"),  # ... from the next month
         (US, date(2026, 10, 1), "10.10", "USD", "0.0725", "0.73"),  # 0.732: half up to cents
         (US, date(2026, 10, 1), "10.00", "USD", "0.0725", "0.73"),  # 0.725: half up
     ],

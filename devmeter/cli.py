@@ -830,6 +830,43 @@ def close(month: str, account_ref: str | None) -> None:
         )
 
 
+@main.command()
+@click.option("--account", "account_ref", default="demo", show_default=True, help="Account ref.")
+@reports_errors
+def demo(account_ref: str) -> None:
+    """The SPEC's worked example as an account: a month of history, 1,000 credit points, closed.
+
+    Prints the owner's API key (shown once: sign in to the console with it) and the closed
+    statement: subtotal 3,500, tax 350, credit points 1,000, amount due 2,850.
+    """
+    from datetime import timedelta
+
+    from devmeter.db import connect
+    from metering.demo import create_demo
+    from metering.statements import get_statement, statement_document
+
+    config = settings()
+    url = config.service_database_url()
+    plans = catalog(config)
+    made = create_demo(
+        lambda: connect(url),
+        plans,
+        ref=account_ref,
+        now=_now(),
+        grace=timedelta(minutes=config.close_grace_minutes),
+    )
+    with transaction(config) as conn:
+        statement = get_statement(conn, plans, made.account, made.month, now=_now())
+    emit(
+        {
+            "account": made.account,
+            "owner_key": made.owner_key,
+            "month": made.month,
+            "statement": statement_document(statement),
+        }
+    )
+
+
 @main.group()
 def webhooks() -> None:
     """Statement deliveries to billing (DEVMETER_WEBHOOK_URL): list them, retry failed ones."""

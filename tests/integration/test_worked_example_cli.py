@@ -176,3 +176,17 @@ def test_the_worked_example_ends_at_2850_after_1000_points(imported: Cli) -> Non
         ("grant", "1000", None),
         ("use", "-1000", "2026-10"),
     ]
+
+
+def test_the_demo_ends_with_a_closed_statement_with_tax_and_points(cli: Cli) -> None:
+    made = ok(cli("demo"))
+    statement = made["statement"]
+    assert isinstance(statement, dict)
+    assert made["owner_key"].startswith("dma_")  # type: ignore[attr-defined]
+    assert statement["status"] == "final"
+    assert statement["month"] == made["month"]
+    totals = ("subtotal", "tax", "credits_applied", "amount_due")
+    assert [statement[k] for k in totals] == ["3500", "350", "1000", "2850"]
+    again = cli("demo")
+    assert again.code == 2
+    assert "already exists" in again.stderr

@@ -204,8 +204,11 @@ class StatementOut(Totals):
 class StatementSummary(BaseModel):
     month: str
     status: Literal["final"]
+    plan: str
     currency: str
     subtotal: str
+    tax: str
+    credits_applied: str
     amount_due: str
     due_date: date
     closed_at: datetime

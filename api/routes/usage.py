@@ -99,8 +99,11 @@ def statements(caller: StatementReader, conn: DB) -> list[StatementSummary]:
         StatementSummary(
             month=s.month,
             status="final",
+            plan=s.plan,
             currency=s.currency,
             subtotal=format_money(s.subtotal, s.currency),
+            tax=format_money(s.tax, s.currency),
+            credits_applied=format_money(s.credits_applied, s.currency),
             amount_due=format_money(s.amount_due, s.currency),
             due_date=s.due_date,
             closed_at=s.closed_at,

@@ -554,11 +554,16 @@ def usage(account_ref: str, month: str, evidence: bool) -> None:
     """Peak active devices per class of a month: preliminary while open, final once closed."""
     from metering.statements import get_usage
 
-    with transaction(settings()) as conn:
-        result = get_usage(conn, account_ref, month, now=_now())
+    config = settings()
+    with transaction(config) as conn:
+        result = get_usage(conn, catalog(config), account_ref, month, now=_now())
     classes: dict[str, object] = {}
     for name, peak in result.classes.items():
-        entry: dict[str, object] = {"peak": peak.peak, "peak_at": peak.peak_at}
+        entry: dict[str, object] = {
+            "peak": peak.peak,
+            "peak_at": peak.peak_at,
+            "metric": "distinct" if name in result.distinct else "peak",
+        }
         if evidence:
             entry["devices"] = list(peak.device_ids)
         classes[name] = entry

@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 
 from devmeter.errors import ConflictError, InvalidError
-from metering.catalog import Catalog
+from metering.catalog import Catalog, distinct_classes
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import peaks, peaks_many
 from metering.pricing import Line, format_money, price_month
@@ -47,6 +47,8 @@ class Usage:
     period_start: datetime
     period_end: datetime
     classes: dict[str, ClassPeak]
+    #: The classes counted as distinct devices (M6); the others are peaks (M2).
+    distinct: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +102,21 @@ def closable_at(account: Account, month: str, grace: timedelta = DEFAULT_GRACE) 
 # --- reading -----------------------------------------------------------------------------
 
 
-def get_usage(conn: Conn, account_ref: str, month: str, *, now: datetime) -> Usage:
+def get_usage(
+    conn: Conn, catalog: Catalog, account_ref: str, month: str, *, now: datetime
+) -> Usage:
     account = get_account(conn, account_ref)
     start, end = month_bounds(month, account.timezone)
     stored = _stored_statement_row(conn, account.id, month)
     if stored is not None:
-        return Usage(account.ref, month, "final", start, end, _stored_peaks(conn, stored["id"]))
+        classes = _stored_peaks(conn, stored["id"])
+        return Usage(
+            account.ref, month, "final", start, end, classes, _distinct(catalog, stored["plan"])
+        )
     _refuse_future(account, month, start, now)
-    return Usage(account.ref, month, "preliminary", start, end, peaks(conn, account.id, start, end))
+    distinct = _distinct(catalog, account.plan)
+    classes = peaks(conn, account.id, start, end, distinct=distinct)
+    return Usage(account.ref, month, "preliminary", start, end, classes, distinct)
 
 
 def get_statement(
@@ -119,7 +128,7 @@ def get_statement(
         return _stored_statement(conn, account, month, stored)
     start, end = month_bounds(month, account.timezone)
     _refuse_future(account, month, start, now)
-    classes = peaks(conn, account.id, start, end)
+    classes = peaks(conn, account.id, start, end, distinct=_distinct(catalog, account.plan))
     return _price(catalog, account, month, start, end, classes, status="preliminary")
 
 
@@ -194,6 +203,12 @@ def statement_document(statement: Statement, *, evidence: bool = False) -> dict[
     if evidence:
         document["evidence"] = {c: list(p.device_ids) for c, p in statement.peaks.items()}
     return document
+
+
+def _distinct(catalog: Catalog, plan: str) -> frozenset[str]:
+    """The classes the plan counts as distinct devices (M6). A plan the catalog lacks counts
+    none; pricing then refuses it by name."""
+    return distinct_classes(catalog.plans.get(plan))
 
 
 def _refuse_future(account: Account, month: str, start: datetime, now: datetime) -> None:
@@ -347,7 +362,8 @@ def close_month(
             row["account_id"]
             for row in conn.execute("SELECT account_id FROM statements WHERE month = %s", (first,))
         }
-    due: dict[str, list[Account]] = {}
+    # Accounts share one peaks query per time zone and set of classes counted as distinct.
+    due: dict[tuple[str, frozenset[str]], list[Account]] = {}
     for account in accounts:
         if account.id in closed:
             report.already_closed.append(account.ref)
@@ -356,7 +372,7 @@ def close_month(
         elif now < closable_at(account, month, grace):
             report.not_due.append(account.ref)
         else:
-            due.setdefault(account.timezone, []).append(account)
+            due.setdefault((account.timezone, _distinct(catalog, account.plan)), []).append(account)
     if account_ref is not None and report.not_due:
         account = accounts[0]
         raise ConflictError(
@@ -365,11 +381,11 @@ def close_month(
             f"plus {grace} grace for late heartbeats)",
             field="month",
         )
-    for tz, group in sorted(due.items()):
+    for (tz, distinct), group in sorted(due.items(), key=lambda x: (x[0][0], sorted(x[0][1]))):
         start, end = month_bounds(month, tz)
         try:
             with connect() as conn:
-                peaks = peaks_many(conn, [a.id for a in group], start, end)
+                peaks = peaks_many(conn, [a.id for a in group], start, end, distinct=distinct)
         except Exception as exc:  # this zone's accounts fail (recorded, retried); others go on
             for account in group:
                 _record_failure(connect, report, account, month, exc)

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import DB, State, allowed
 from api.problems import responses
 from api.schemas import (
-    ClassUsage,
     DailyUsageOut,
     DayClass,
     DayOut,
+    MeteredClassUsage,
     StatementOut,
     StatementSummary,
     UsageOut,
@@ -21,10 +21,11 @@ from api.schemas import (
 from metering.access import Principal
 from metering.catalog import Catalog
 from metering.daily import daily_usage, load_events
-from metering.peak import ClassPeak, month_bounds
+from metering.peak import month_bounds
 from metering.pricing import class_amount, format_money
 from metering.statements import (
     Statement,
+    Usage,
     current_month,
     get_statement,
     get_usage,
@@ -43,17 +44,22 @@ Month = Annotated[
 
 
 def priced_classes(
-    catalog: Catalog, plan_name: str, peaks: dict[str, ClassPeak]
-) -> tuple[str, dict[str, ClassUsage]]:
+    catalog: Catalog, plan_name: str, usage: Usage
+) -> tuple[str, dict[str, MeteredClassUsage]]:
     plan = catalog.plans.get(plan_name)
     currency = plan.currency if plan else ""
-    out: dict[str, ClassUsage] = {}
-    for cls, peak in peaks.items():
+    out: dict[str, MeteredClassUsage] = {}
+    for cls, peak in usage.classes.items():
         amount = None
         if plan is not None and cls in plan.classes:
             total = class_amount(cls, plan.classes[cls], peak.peak, plan.currency)
             amount = format_money(total, plan.currency)
-        out[cls] = ClassUsage(peak=peak.peak, peak_at=peak.peak_at, amount=amount)
+        out[cls] = MeteredClassUsage(
+            peak=peak.peak,
+            peak_at=peak.peak_at,
+            amount=amount,
+            metric="distinct" if cls in usage.distinct else "peak",
+        )
     return currency, out
 
 
@@ -65,8 +71,8 @@ def priced_classes(
 )
 def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> UsageOut:
     month = month or current_month(caller.timezone, datetime.now(UTC))
-    result = get_usage(conn, caller.account_ref, month, now=datetime.now(UTC))
-    currency, classes = priced_classes(app.catalog, caller.plan, result.classes)
+    result = get_usage(conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC))
+    currency, classes = priced_classes(app.catalog, caller.plan, result)
     return UsageOut(
         account=result.account,
         month=result.month,
@@ -87,12 +93,12 @@ def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> Usa
 def usage_daily(caller: UsageReader, conn: DB, app: State, month: Month = None) -> DailyUsageOut:
     now = datetime.now(UTC)
     month = month or current_month(caller.timezone, now)
-    result = get_usage(conn, caller.account_ref, month, now=now)
+    result = get_usage(conn, app.catalog, caller.account_ref, month, now=now)
     start, end = month_bounds(month, caller.timezone)
     days = daily_usage(
         load_events(conn, caller.account_id, start, end), start, end, caller.timezone, until=now
     )
-    _, peak = priced_classes(app.catalog, caller.plan, result.classes)
+    _, peak = priced_classes(app.catalog, caller.plan, result)
     return DailyUsageOut(
         account=caller.account_ref,
         month=month,

@@ -44,7 +44,11 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class ClassPeak:
-    """A class's peak and the evidence for it: the devices Active at ``peak_at``, sorted."""
+    """A class's peak and the evidence for it: the devices Active at ``peak_at``, sorted.
+
+    For a class counted as distinct devices (M6), ``peak`` is that count and the evidence is
+    every device counted; ``peak_at`` is when the last of them first became Active.
+    """
 
     device_class: str
     peak: int

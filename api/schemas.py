@@ -120,6 +120,14 @@ class ClassUsage(BaseModel):
     )
 
 
+class MeteredClassUsage(ClassUsage):
+    metric: Literal["peak", "distinct"] = Field(
+        description="what `peak` counts, as the plan says (SPEC M2, M6): `peak` the most "
+        "devices Active at one instant of the month, at `peak_at`; `distinct` every device "
+        "Active at any instant of the month, the last of them first Active at `peak_at`"
+    )
+
+
 class CorrectedUsage(BaseModel):
     peak: int
     peak_at: datetime
@@ -142,7 +150,7 @@ class UsageOut(Totals):
     currency: str
     period_start: datetime
     period_end: datetime
-    classes: dict[str, ClassUsage]
+    classes: dict[str, MeteredClassUsage]
     corrected: dict[str, CorrectedUsage] | None = Field(
         default=None,
         description="closed months only: the quantities recomputed from every event stored "
@@ -166,7 +174,7 @@ class DailyUsageOut(BaseModel):
     status: Literal["preliminary", "final"]
     timezone: str
     days: list[DayOut]
-    peak: dict[str, ClassUsage]
+    peak: dict[str, MeteredClassUsage]
 
 
 class LineOut(BaseModel):

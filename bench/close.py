@@ -664,11 +664,16 @@ def close_once(url: str, month: str, now: datetime, zones: list[str], watch: Wat
     real = peaks_many
 
     def timed_peaks(
-        conn: psycopg.Connection[Any], account_ids: Any, start: datetime, end: datetime
+        conn: psycopg.Connection[Any],
+        account_ids: Any,
+        start: datetime,
+        end: datetime,
+        *,
+        distinct: frozenset[str] = frozenset(),
     ) -> dict[int, dict[str, ClassPeak]]:
         started = time.perf_counter()
         try:
-            return real(conn, account_ids, start, end)
+            return real(conn, account_ids, start, end, distinct=distinct)
         finally:
             zone = by_bounds.get((start, end), f"{start:%Y-%m-%d %H:%M}")
             inside[zone] = inside.get(zone, 0.0) + time.perf_counter() - started

@@ -726,7 +726,7 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
     plan = _plan(_app_state(request).catalog, principal)
     currency = plan.currency if plan else ""
     try:
-        usage = get_usage(conn, principal.account_ref, chosen, now=now)
+        usage = get_usage(conn, _app_state(request).catalog, principal.account_ref, chosen, now=now)
         start, end = month_bounds(chosen, principal.timezone)
         days = daily_usage(
             load_events(conn, principal.account_id, start, end),

@@ -775,7 +775,7 @@ def usage(account_ref: str, month: str, evidence: bool) -> None:
 
     config = settings()
     with transaction(config) as conn:
-        result = get_usage(conn, account_ref, month, now=_now(), catalog=catalog(config))
+        result = get_usage(conn, catalog(config), account_ref, month, now=_now())
     emit(usage_document(result, evidence=evidence))
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "ClassPricing",
+    "Metric",
     "Mode",
     "Plan",
     "Rounding",
@@ -36,11 +37,14 @@ __all__ = [
     "Tier",
     "UnknownPlanError",
     "UnknownTaxCountryError",
+    "distinct_classes",
     "load_catalog",
     "parse_catalog",
 ]
 
 Mode = Literal["graduated", "volume"]
+#: How a class's monthly quantity is counted (SPEC M2, M6).
+Metric = Literal["peak", "distinct"]
 Rounding = Literal["down", "up", "half_up", "half_even"]
 
 DEFAULT_CATALOG_PATH: Final[Path] = Path(__file__).with_name("default_catalog.toml")
@@ -101,6 +105,7 @@ _DECIMAL_RE: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _ISO_DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 _MODES: Final[Mapping[str, Mode]] = {"graduated": "graduated", "volume": "volume"}
+_METRICS: Final[Mapping[str, Metric]] = {"peak": "peak", "distinct": "distinct"}
 _ROUNDINGS: Final[Mapping[str, Rounding]] = {
     "down": "down",
     "up": "up",
@@ -112,7 +117,7 @@ _TOP_KEYS: Final = frozenset({"plans", "tax"})
 _PLAN_KEYS: Final = frozenset(
     {"currency", "base_fee", "free_signup_month", "payment_method_required", "classes"}
 )
-_CLASS_KEYS: Final = frozenset({"mode", "tiers"})
+_CLASS_KEYS: Final = frozenset({"mode", "tiers", "metric"})
 _TIER_KEYS: Final = frozenset({"up_to", "price", "flat"})
 _TAX_KEYS: Final = frozenset({"rates"})
 _RATE_KEYS: Final = frozenset({"from", "rate", "rounding"})
@@ -178,6 +183,9 @@ class Tier:
 class ClassPricing:
     mode: Mode
     tiers: tuple[Tier, ...]
+    #: "peak" bills the month's maximum of concurrently Active devices (M2); "distinct" bills
+    #: every device Active at any instant of the month, once (M6).
+    metric: Metric = "peak"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +197,17 @@ class Plan:
     classes: Mapping[str, ClassPricing]
     #: A2: devices can be registered only once the account has a payment method on file.
     payment_method_required: bool = False
+
+
+def distinct_classes(plan: Plan | None) -> frozenset[str]:
+    """The plan's classes counted as distinct devices (M6); none for no plan.
+
+    What the peak paths take as ``distinct``. ``None`` is accepted so that an account whose
+    plan the catalog lacks still gets its peaks computed; pricing then refuses it by name.
+    """
+    if plan is None:
+        return frozenset()
+    return frozenset(c for c, p in plan.classes.items() if p.metric == "distinct")
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +388,15 @@ class _Parser:
             for i, raw_tier in enumerate(raw_tiers)
         )
         self.check_tier_order(tiers, tiers_key)
-        return ClassPricing(mode=mode, tiers=tiers)
+
+        raw_metric = table.get("metric", "peak")
+        metric = _METRICS.get(raw_metric) if isinstance(raw_metric, str) else None
+        if metric is None:
+            raise self.fail(
+                _join(key, "metric"),
+                f"unknown metric {raw_metric!r} (expected one of: {', '.join(_METRICS)})",
+            )
+        return ClassPricing(mode=mode, tiers=tiers, metric=metric)
 
     def tier(self, raw: object, key: str, minor_units: int) -> Tier:
         table = self.table(raw, key)

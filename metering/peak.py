@@ -1,4 +1,5 @@
-"""The metered quantity (SPEC M1-M3): a month's peak of Active devices per device class.
+"""The metered quantity (SPEC M1-M3, M6): a month's peak of Active devices per device class,
+or, for the classes a plan bills by distinct devices, every device Active in the month.
 
 Pure: events in, peaks out. No database, settings or clock here; ``metering.peak_sql``
 computes the same thing in PostgreSQL and the integration tests hold the two to agreement.
@@ -43,7 +44,11 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class ClassPeak:
-    """A class's peak and the evidence for it: the devices Active at ``peak_at``, sorted."""
+    """A class's peak and the evidence for it: the devices Active at ``peak_at``, sorted.
+
+    For a class counted as distinct devices (M6), ``peak`` is that count and the evidence is
+    every device counted; ``peak_at`` is when the last of them first became Active.
+    """
 
     device_class: str
     peak: int
@@ -104,18 +109,34 @@ def replay_order(events: Iterable[Event], end: datetime) -> list[Event]:
     return ordered
 
 
-def compute_peaks(events: Iterable[Event], start: datetime, end: datetime) -> dict[str, ClassPeak]:
+def compute_peaks(
+    events: Iterable[Event],
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
+) -> dict[str, ClassPeak]:
     """Peak Active devices per class over ``[start, end)`` (M2), first instant it is reached.
 
     ``events`` may come in any order, repeat, and include history before ``start`` (which
     gives each device's state when the month starts) and events at or after ``end`` (ignored).
     All events at one instant are applied before counting (M3). A class with devices but none
     Active in the month has peak 0 at ``start``. O(n log n): one sort, then two linear replays.
+
+    Classes in ``distinct`` are counted by the plan's distinct metric instead (M6): see
+    ``distinct_peaks``.
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware")
     ordered = replay_order(events, end)
+    if not distinct:
+        return _sweep(ordered, start)
+    peaks = _sweep([e for e in ordered if e.device_class not in distinct], start)
+    return dict(sorted({**peaks, **distinct_peaks(ordered, start, distinct)}.items()))
 
+
+def _sweep(ordered: list[Event], start: datetime) -> dict[str, ClassPeak]:
+    """The peak metric (M2) of every class of ``ordered``, events in ``replay_order``."""
     active: dict[str, bool] = {}
     counts: dict[str, int] = {}
     best: dict[str, tuple[int, datetime]] = {}
@@ -155,6 +176,54 @@ def compute_peaks(events: Iterable[Event], start: datetime, end: datetime) -> di
         device_class: evidence.get(device_class) or ClassPeak(device_class, 0, start, ())
         for device_class in sorted(best)
     }
+
+
+def distinct_peaks(
+    ordered: list[Event], start: datetime, distinct: frozenset[str]
+) -> dict[str, ClassPeak]:
+    """The distinct metric (M6) of the ``distinct`` classes: every device Active at some
+    instant of the month, from events in ``replay_order`` before the month's end.
+
+    A device counts when its state after some instant of the month is Active: at ``start``
+    (its latest event at or before it, D3) or at any later instant. Events at one instant are
+    applied together (M3), so a device switched on and off at the same instant was never
+    Active and does not count, and a swap at one instant counts both devices (each was Active
+    for a while). ``peak_at`` is the instant the count reached its final value: the latest of
+    the devices' first Active instants, ``start`` when all were Active as the month began or
+    none ever was. ``device_ids`` are all the counted devices, not those Active at ``peak_at``.
+    """
+    # Each device's first Active instant, per class; every class with an event is a key.
+    first: dict[str, dict[str, datetime]] = {}
+    # Each device's latest event so far and its instant: it holds once a later instant comes.
+    held: dict[str, tuple[datetime, Event]] = {}
+    for event in ordered:
+        device_class = event.device_class
+        if device_class not in distinct:
+            continue
+        instant = max(event.time, start)
+        previous = held.get(event.device_id)
+        if previous is None:
+            first.setdefault(device_class, {})
+        elif previous[0] != instant:
+            _settle(first, *previous)
+        held[event.device_id] = (instant, event)
+    for instant, event in held.values():
+        _settle(first, instant, event)
+    return {
+        device_class: ClassPeak(
+            device_class,
+            len(devices),
+            max(devices.values(), default=start),
+            tuple(sorted(devices)),
+        )
+        for device_class, devices in sorted(first.items())
+    }
+
+
+def _settle(first: dict[str, dict[str, datetime]], instant: datetime, event: Event) -> None:
+    """``event`` is its device's last at ``instant``: the state it holds after that instant."""
+    if event.state == ACTIVE:
+        first[event.device_class].setdefault(event.device_id, instant)
 
 
 def _evidence(ordered: list[Event], best: dict[str, tuple[int, datetime]]) -> dict[str, ClassPeak]:

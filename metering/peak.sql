@@ -1,5 +1,6 @@
--- Monthly peak of Active devices (SPEC M1-M3) in PostgreSQL: the twin of
--- metering.peak.compute_peaks, held to the same answers by tests/integration/test_peak_sql.py.
+-- Monthly peak of Active devices (SPEC M1-M3), or distinct Active devices for the classes in
+-- `distinct` (M6), in PostgreSQL: the twin of metering.peak.compute_peaks, held to the same
+-- answers by tests/integration/test_peak_sql.py.
 
 -- name: select_class_peaks
 -- Every (account, class) with an event before `end`, for all `account_ids` at once (a month
@@ -55,6 +56,19 @@ peaks AS (
         FROM counts
     ) ranked
     GROUP BY account_id, device_class, peak
+),
+firsts AS (
+    -- Distinct classes (M6): each device's first instant Active in the month, if any. A row
+    -- says what the device is from its instant until the next row's; one overtaken at its own
+    -- instant holds for no time, so a device switched on and off at one instant was never
+    -- Active (M3). The constant condition lets the planner skip this when `distinct` is empty.
+    SELECT account_id, device_class, device_id,
+           min(instant) FILTER (WHERE active AND (until IS NULL OR until > instant))
+               AS first_active
+    FROM steps
+    WHERE cardinality(%(distinct)s::text[]) > 0
+      AND device_class = ANY(%(distinct)s::text[])
+    GROUP BY account_id, device_class, device_id
 )
 SELECT p.account_id, p.device_class, p.peak::int AS peak,
        CASE WHEN p.peak > 0 THEN p.peak_at ELSE %(start)s::timestamptz END AS peak_at,
@@ -64,8 +78,17 @@ FROM peaks p
 LEFT JOIN steps s
        ON s.account_id = p.account_id AND s.device_class = p.device_class
       AND s.active AND s.instant <= p.peak_at AND (s.until IS NULL OR s.until > p.peak_at)
+WHERE p.device_class <> ALL(%(distinct)s::text[])
 GROUP BY p.account_id, p.device_class, p.peak, p.peak_at
-ORDER BY p.account_id, p.device_class;
+UNION ALL
+-- The count of a distinct class reaches its final value when the last of its devices first
+-- becomes Active; a class none of whose devices was Active counts 0 at the month's start.
+SELECT account_id, device_class, count(first_active)::int,
+       coalesce(max(first_active), %(start)s::timestamptz),
+       coalesce(array_agg(device_id) FILTER (WHERE first_active IS NOT NULL), '{}')
+FROM firsts
+GROUP BY account_id, device_class
+ORDER BY account_id, device_class;
 
 -- name: select_planner_settings
 SELECT current_setting('work_mem') AS work_mem, current_setting('jit') AS jit;

@@ -1,4 +1,4 @@
-"""Monthly peaks for many accounts at once, computed in NumPy over one binary COPY (SPEC M1-M3).
+"""Monthly peaks for many accounts at once, computed in NumPy over one binary COPY (M1-M3, M6).
 
 The month close's path. PostgreSQL's window functions (``metering.peak_sql``) take about a
 microsecond per row per sort and window pass, four passes in all; here PostgreSQL only streams
@@ -74,28 +74,44 @@ class Unusable(Exception):
 
 
 def peaks_many(
-    conn: psycopg.Connection[Any], account_ids: Sequence[int], start: datetime, end: datetime
+    conn: psycopg.Connection[Any],
+    account_ids: Sequence[int],
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
 ) -> dict[int, dict[str, ClassPeak]]:
-    """Peaks per class for each account over the shared ``[start, end)``.
+    """Peaks per class for each account over the shared ``[start, end)``; the classes in
+    ``distinct`` counted as distinct devices (M6), as ``compute_peaks`` does.
 
     Every requested account is a key; one without devices maps to ``{}``.
     """
     try:
-        return frame_peaks_many(conn, account_ids, start, end)
+        return frame_peaks_many(conn, account_ids, start, end, distinct=distinct)
     except Unusable as exc:
         log.warning("peaks of %d account(s) computed in SQL instead: %s", len(account_ids), exc)
-        return sql_peaks_many(conn, account_ids, start, end)
+        return sql_peaks_many(conn, account_ids, start, end, distinct=distinct)
 
 
 def peaks(
-    conn: psycopg.Connection[Any], account_id: int, start: datetime, end: datetime
+    conn: psycopg.Connection[Any],
+    account_id: int,
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
 ) -> dict[str, ClassPeak]:
     """One account's peaks per class over ``[start, end)``."""
-    return peaks_many(conn, [account_id], start, end)[account_id]
+    return peaks_many(conn, [account_id], start, end, distinct=distinct)[account_id]
 
 
 def frame_peaks_many(
-    conn: psycopg.Connection[Any], account_ids: Sequence[int], start: datetime, end: datetime
+    conn: psycopg.Connection[Any],
+    account_ids: Sequence[int],
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
 ) -> dict[int, dict[str, ClassPeak]]:
     """``peaks_many`` in NumPy; raises ``Unusable`` where that would be wrong."""
     if start.tzinfo is None or end.tzinfo is None:
@@ -124,6 +140,11 @@ def frame_peaks_many(
         order=rows["id"].astype(np.int64),
         active=rows["active"].astype(np.bool_),
         start=_micros(start),
+        distinct=(
+            np.fromiter((c in distinct for _, c in dictionary.groups), np.bool_)
+            if distinct
+            else None
+        ),
     )
     # Classes in name order, as the pure and SQL paths and stored statements have them.
     for group, peak, peak_at, members in sorted(peaks, key=lambda p: dictionary.groups[p[0]]):
@@ -205,10 +226,13 @@ def _peaks(
     order: IntArray,
     active: BoolArray,
     start: int,
+    distinct: BoolArray | None = None,
 ) -> list[tuple[int, int, int, IntArray]]:
     """(group, peak, peak_at, devices at the peak) for every group with an event.
 
     ``device`` is any integer key of the device; ``group_of`` gives the groups of distinct keys.
+    ``distinct`` marks, by group number, the groups counted as distinct devices instead (M6):
+    for those the devices are all that were Active in the month (see ``_distinct``).
 
     The same steps as the SQL path: each event's change to its device's state, then a running
     count per group over instants, counted once an instant is complete (M3).
@@ -287,4 +311,37 @@ def _peaks(
         result.append(
             (index, int(peak_of_group[index]), int(peak_at_of_group[index]), group_members)
         )
+    if distinct is not None and bool(distinct.any()):
+        by_distinct = _distinct(device, group, instant, until, active, distinct, start)
+        result = [by_distinct.get(r[0], r) for r in result]
+    return result
+
+
+def _distinct(
+    device: IntArray,
+    group: IntArray,
+    instant: IntArray,
+    until: IntArray,
+    active: BoolArray,
+    distinct: BoolArray,
+    start: int,
+) -> dict[int, tuple[int, int, int, IntArray]]:
+    """The distinct groups' counts, from ``_peaks``'s events sorted by device and time.
+
+    As ``metering.peak.distinct_peaks``: a device counts from its first event that says
+    Active and holds for some time (one overtaken at its own instant never held, M3); a
+    group's ``peak_at`` is the latest of its devices' first instants, else ``start``.
+    """
+    held = np.flatnonzero(active & (until > instant) & distinct[group])
+    # Each device's events run in time order: its first held row is its first Active instant.
+    first = np.ones(len(held), np.bool_)
+    first[1:] = device[held[1:]] != device[held[:-1]]
+    rows = held[first]
+    rows = rows[np.argsort(group[rows], kind="stable")]
+    groups, members, firsts = group[rows], device[rows], instant[rows]
+    result: dict[int, tuple[int, int, int, IntArray]] = {}
+    for index in np.unique(group[distinct[group]]).tolist():
+        low, high = np.searchsorted(groups, [index, index + 1])
+        at = int(firsts[low:high].max()) if high > low else start
+        result[index] = (index, int(high - low), at, members[low:high])
     return result

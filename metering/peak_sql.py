@@ -1,4 +1,4 @@
-"""Monthly peaks computed in PostgreSQL over ``device_state_events`` (SPEC M1-M3).
+"""Monthly peaks computed in PostgreSQL over ``device_state_events`` (SPEC M1-M3, M6).
 
 The same rules as ``metering.peak.compute_peaks``, without moving a month of events into
 Python: a month close asks for every account of one time zone in one statement.
@@ -36,9 +36,15 @@ class _PeakRow:
 
 
 def sql_peaks_many(
-    conn: psycopg.Connection[Any], account_ids: Sequence[int], start: datetime, end: datetime
+    conn: psycopg.Connection[Any],
+    account_ids: Sequence[int],
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
 ) -> dict[int, dict[str, ClassPeak]]:
-    """Peaks per class for each account over the shared ``[start, end)``.
+    """Peaks per class for each account over the shared ``[start, end)``; the classes in
+    ``distinct`` counted as distinct devices (M6), as ``compute_peaks`` does.
 
     Every requested account is a key; one without devices maps to ``{}``.
     """
@@ -50,7 +56,12 @@ def sql_peaks_many(
     with _settings(conn, _SETTINGS), conn.cursor(row_factory=class_row(_PeakRow)) as cur:
         rows = cur.execute(
             Q["select_class_peaks"],
-            {"account_ids": list(result), "start": start, "end": end},
+            {
+                "account_ids": list(result),
+                "start": start,
+                "end": end,
+                "distinct": sorted(distinct),
+            },
         ).fetchall()
     for row in rows:
         # Sorted here, not in SQL, so the order is code points whatever the database collation.
@@ -61,10 +72,15 @@ def sql_peaks_many(
 
 
 def sql_peaks(
-    conn: psycopg.Connection[Any], account_id: int, start: datetime, end: datetime
+    conn: psycopg.Connection[Any],
+    account_id: int,
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
 ) -> dict[str, ClassPeak]:
     """One account's peaks per class over ``[start, end)``."""
-    return sql_peaks_many(conn, [account_id], start, end)[account_id]
+    return sql_peaks_many(conn, [account_id], start, end, distinct=distinct)[account_id]
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from psycopg.rows import class_row, dict_row
 
 from devmeter.errors import ConflictError, InvalidError
 from metering import credits
-from metering.catalog import Catalog, Plan, Rounding
+from metering.catalog import Catalog, Plan, Rounding, distinct_classes
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import peaks, peaks_many
 from metering.plans import plans_at
@@ -53,8 +53,10 @@ class Usage:
     #: A closed month recomputed from every event stored now, late ones included (C2); its
     #: difference from ``classes`` (what was billed) is adjusted on the next statement.
     corrected: dict[str, ClassPeak] | None = None
-    #: The month priced, when the caller gave a catalog.
+    #: The month priced.
     statement: Statement | None = None
+    #: The classes counted as distinct devices (M6); the others are peaks (M2).
+    distinct: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,14 +111,15 @@ def closable_at(account: Account, month: str, grace: timedelta = DEFAULT_GRACE) 
 
 
 def get_usage(
-    conn: Conn, account_ref: str, month: str, *, now: datetime, catalog: Catalog | None = None
+    conn: Conn, catalog: Catalog, account_ref: str, month: str, *, now: datetime
 ) -> Usage:
-    """The month's usage; with ``catalog``, priced too (``Usage.statement``)."""
+    """The month's usage, priced (``Usage.statement``): final as closed, else preliminary,
+    counted and priced at the plan in force at the month's first instant (P6, M6)."""
     account = get_account(conn, account_ref)
     start, end = month_bounds(month, account.timezone)
     stored = _stored_statement_row(conn, account.id, month)
     if stored is not None:
-        billed = _stored_statement(conn, account, month, stored) if catalog else None
+        distinct = _distinct(catalog, stored["plan"])
         return Usage(
             account.ref,
             month,
@@ -125,28 +128,36 @@ def get_usage(
             end,
             _stored_peaks(conn, stored["id"]),
             plan=stored["plan"],
-            corrected=peaks(conn, account.id, start, end),
-            statement=billed,
+            corrected=peaks(conn, account.id, start, end, distinct=distinct),
+            statement=_stored_statement(conn, account, month, stored),
+            distinct=distinct,
         )
     _refuse_future(account, month, start, now)
     plan = plans_at(conn, [account], start)[account.id]
-    classes = peaks(conn, account.id, start, end)
-    priced = None
-    if catalog is not None:
-        late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
-        priced = _price(
-            catalog,
-            account,
-            month,
-            start,
-            end,
-            classes,
-            status="preliminary",
-            plan=plan,
-            adjustments=late,
-        )
+    distinct = _distinct(catalog, plan)
+    classes = peaks(conn, account.id, start, end, distinct=distinct)
+    late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
+    priced = _price(
+        catalog,
+        account,
+        month,
+        start,
+        end,
+        classes,
+        status="preliminary",
+        plan=plan,
+        adjustments=late,
+    )
     return Usage(
-        account.ref, month, "preliminary", start, end, classes, plan=plan, statement=priced
+        account.ref,
+        month,
+        "preliminary",
+        start,
+        end,
+        classes,
+        plan=plan,
+        statement=priced,
+        distinct=distinct,
     )
 
 
@@ -157,7 +168,7 @@ def get_statement(
     stored = _stored_statement_row(conn, account.id, month)
     if stored is not None:
         return _stored_statement(conn, account, month, stored)
-    usage = get_usage(conn, account_ref, month, now=now, catalog=catalog)
+    usage = get_usage(conn, catalog, account_ref, month, now=now)
     assert usage.statement is not None
     return usage.statement
 
@@ -274,7 +285,7 @@ def usage_document(usage: Usage, *, evidence: bool = False) -> dict[str, Any]:
     its amount, the plan that prices the month and its total without and with tax; for a
     closed month, also the quantities recomputed from every event stored now (C2)."""
     st = usage.statement
-    assert st is not None, "usage_document needs the usage priced (get_usage with a catalog)"
+    assert st is not None, "get_usage prices every month"
     currency = st.currency
     document: dict[str, Any] = {
         "account": usage.account,
@@ -284,7 +295,10 @@ def usage_document(usage: Usage, *, evidence: bool = False) -> dict[str, Any]:
         "currency": currency,
         "period_start": usage.period_start,
         "period_end": usage.period_end,
-        "classes": class_usage(st, usage.classes, evidence=evidence),
+        "classes": {
+            c: {**entry, "metric": "distinct" if c in usage.distinct else "peak"}
+            for c, entry in class_usage(st, usage.classes, evidence=evidence).items()
+        },
         "subtotal": _money(st.subtotal, currency),
         "tax_rate": str(st.tax_rate),
         "tax": _money(st.tax, currency),
@@ -297,6 +311,12 @@ def usage_document(usage: Usage, *, evidence: bool = False) -> dict[str, Any]:
             c: {"peak": p.peak, "peak_at": p.peak_at} for c, p in sorted(usage.corrected.items())
         }
     return document
+
+
+def _distinct(catalog: Catalog, plan: str) -> frozenset[str]:
+    """The classes the plan counts as distinct devices (M6). A plan the catalog lacks counts
+    none; pricing then refuses it by name."""
+    return distinct_classes(catalog.plans.get(plan))
 
 
 def _refuse_future(account: Account, month: str, start: datetime, now: datetime) -> None:
@@ -465,10 +485,14 @@ def _account_adjustments(
     for c in closed:
         first: date = c["month"]
         plan = _plan(catalog, account, c["plan"])
-        corrected = {
-            k: p.peak
-            for k, p in peaks(conn, account.id, c["period_start"], c["period_end"]).items()
-        }
+        recomputed = peaks(
+            conn,
+            account.id,
+            c["period_start"],
+            c["period_end"],
+            distinct=_distinct(catalog, c["plan"]),
+        )
+        corrected = {k: p.peak for k, p in recomputed.items()}
         classes = sorted({k for (m, k) in billed if m == first} | set(corrected))
         free = plan.free_signup_month and (
             account.signed_up_on.year,
@@ -602,6 +626,7 @@ def close_month(
             row["account_id"]
             for row in conn.execute("SELECT account_id FROM statements WHERE month = %s", (first,))
         }
+    # Accounts share one peaks query per time zone (and set of classes counted as distinct).
     due: dict[str, list[Account]] = {}
     for account in accounts:
         if account.id in closed:
@@ -625,7 +650,14 @@ def close_month(
         try:
             with connect() as conn:
                 plans = plans_at(conn, group, start)
-                peaks = peaks_many(conn, [a.id for a in group], start, end)
+                by_metric: dict[frozenset[str], list[int]] = {}
+                for account in group:
+                    by_metric.setdefault(_distinct(catalog, plans[account.id]), []).append(
+                        account.id
+                    )
+                peaks: dict[int, dict[str, ClassPeak]] = {}
+                for distinct, ids in sorted(by_metric.items(), key=lambda x: sorted(x[0])):
+                    peaks.update(peaks_many(conn, ids, start, end, distinct=distinct))
                 late = _adjustments(conn, catalog, group, month, now=now)
         except Exception as exc:  # this zone's accounts fail (recorded, retried); others go on
             for account in group:

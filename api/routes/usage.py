@@ -49,7 +49,7 @@ Month = Annotated[
 )
 def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> UsageOut:
     month = month or current_month(caller.timezone, datetime.now(UTC))
-    result = get_usage(conn, caller.account_ref, month, now=datetime.now(UTC), catalog=app.catalog)
+    result = get_usage(conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC))
     return UsageOut.model_validate(usage_document(result))
 
 
@@ -62,7 +62,7 @@ def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> Usa
 def usage_daily(caller: UsageReader, conn: DB, app: State, month: Month = None) -> DailyUsageOut:
     now = datetime.now(UTC)
     month = month or current_month(caller.timezone, now)
-    result = get_usage(conn, caller.account_ref, month, now=now, catalog=app.catalog)
+    result = get_usage(conn, app.catalog, caller.account_ref, month, now=now)
     start, end = month_bounds(month, caller.timezone)
     days = daily_usage(
         load_events(conn, caller.account_id, start, end), start, end, caller.timezone, until=now

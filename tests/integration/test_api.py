@@ -359,6 +359,7 @@ def test_usage_statements_and_export_of_the_worked_example(
         "peak": 12,
         "peak_at": "2026-10-05T00:00:00Z",
         "amount": "3500",
+        "metric": "peak",
     }
     daily = client.get("/v1/usage/daily", params={"month": "2026-10"}, headers=h).json()
     assert len(daily["days"]) == 31
@@ -413,6 +414,30 @@ def test_usage_statements_and_export_of_the_worked_example(
         client.get("/v1/admin/exports/2026-10", params={"format": "jsonl"}, headers=ADMIN).content
         == export.content
     )
+
+
+def test_usage_of_a_distinct_plan_names_its_metric(client: TestClient, database_url: str) -> None:
+    # M6: on the seats plan every device Active in October counts: d1-d17, the last at 23:59:59.
+    worked_example(database_url, "seat", "seats")
+    h = bearer(_owner_key(database_url, "seat"))
+    expected = {
+        "peak": 17,
+        "peak_at": "2026-10-31T14:59:59Z",
+        "amount": "4750",
+        "metric": "distinct",
+    }
+
+    preliminary = client.get("/v1/usage", params={"month": "2026-10"}, headers=h).json()
+    assert (preliminary["status"], preliminary["classes"]["lte-m"]) == ("preliminary", expected)
+    daily = client.get("/v1/usage/daily", params={"month": "2026-10"}, headers=h).json()
+    assert daily["peak"]["lte-m"] == expected
+
+    closed = client.post("/v1/admin/close", json={"month": "2026-10"}, headers=ADMIN)
+    assert closed.json()["closed"] == ["seat"]
+    final = client.get("/v1/usage", params={"month": "2026-10"}, headers=h).json()
+    assert (final["status"], final["classes"]["lte-m"]) == ("final", expected)
+    statement = client.get("/v1/statements/2026-10", headers=h).json()
+    assert (statement["subtotal"], statement["usage"]["lte-m"]["peak"]) == ("4750", 17)
 
 
 def test_operator_endpoints_need_the_operator_token(client: TestClient) -> None:

@@ -222,7 +222,7 @@ def test_a_month_is_priced_at_the_plan_in_force_at_its_first_instant(
         Decimal(october),
     )
     with opener() as conn:
-        november = get_usage(conn, "acme", "2026-11", now=NOV, catalog=CATALOG)
+        november = get_usage(conn, CATALOG, "acme", "2026-11", now=NOV)
         assert get_account(conn, "acme").plan == "standard-volume"  # at once for the service
     assert november.plan == november_plan
 
@@ -304,7 +304,7 @@ def test_a_late_event_for_a_closed_month_is_an_adjustment_on_the_next_statement(
                     source="import",
                 )  # fmt: skip
     with opener() as conn:
-        usage = get_usage(conn, "acme", "2026-10", now=NOV, catalog=CATALOG)
+        usage = get_usage(conn, CATALOG, "acme", "2026-10", now=NOV)
         again = get_statement(conn, CATALOG, "acme", "2026-10", now=NOV)
     # The closed month is unchanged; usage shows the billed peak and the corrected one.
     assert again == october

@@ -17,7 +17,13 @@ from devmeter.errors import ConflictError, InvalidError, NotFoundError
 from metering.catalog import load_catalog
 from metering.export import export_month
 from metering.registry import create_account, register_device, set_device_state
-from metering.statements import close_month, due_months, get_statement, get_usage
+from metering.statements import (
+    close_month,
+    due_months,
+    get_statement,
+    get_usage,
+    statement_document,
+)
 
 JST = ZoneInfo("Asia/Tokyo")
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
@@ -98,8 +104,8 @@ def test_worked_example_closes_to_3500(
 
     with opener() as conn:
         final = get_statement(conn, CATALOG, "acme", "2026-10", now=NOW)
-        usage = get_usage(conn, "acme", "2026-10", now=NOW)
-        november = get_usage(conn, "acme", "2026-11", now=NOW)
+        usage = get_usage(conn, CATALOG, "acme", "2026-10", now=NOW)
+        november = get_usage(conn, CATALOG, "acme", "2026-11", now=NOW)
     assert final.status == usage.status == "final"
     assert final.closed_at is not None
     # P3: Japan's 10 % in force on 2026-10-01, on the subtotal (credit points: not yet).
@@ -129,6 +135,45 @@ def test_volume_plan_prices_the_same_peak_at_3000(
         final = get_statement(conn, CATALOG, "vol", "2026-10", now=NOW)
     assert final.subtotal == Decimal(3000)
     assert [(x.quantity, x.unit_price) for x in final.lines] == [(12, 250)]
+
+
+def test_distinct_plan_bills_every_device_active_in_the_month(
+    database_url: str, opener: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    # M6: the seats plan has the standard tiers but bills each device Active in October once.
+    # Beside a peak-billed account in the same zone, so one close computes both metrics.
+    worked_example(database_url)
+    worked_example(database_url, "seat", "seats")
+    report = close_month(opener, CATALOG, "2026-10", now=NOW)
+    assert sorted(report.closed) == ["acme", "seat"]
+    assert not report.failed
+
+    with opener() as conn:
+        final = get_statement(conn, CATALOG, "seat", "2026-10", now=NOW)
+        usage = get_usage(conn, CATALOG, "seat", "2026-10", now=NOW)
+        november = get_usage(conn, CATALOG, "seat", "2026-11", now=NOW)
+        peak_billed = get_statement(conn, CATALOG, "acme", "2026-10", now=NOW)
+    # d1-d17 were all Active at some instant of October; d18 is November's.
+    assert [(x.quantity, x.unit_price, x.amount) for x in final.lines] == [
+        (10, 300, 3000),
+        (7, 250, 1750),
+    ]
+    assert (final.subtotal, final.tax, final.amount_due) == (4750, 475, 5225)
+    distinct = usage.classes["lte-m"]
+    assert distinct.peak == 17
+    # The count reached 17 when the last of them, d17, became Active.
+    assert distinct.peak_at == jst(2026, 10, 31, 23, 59, 59)
+    assert distinct.device_ids == tuple(sorted(f"seat-d{n}" for n in range(1, 18)))
+    assert final.peaks == usage.classes
+    assert usage.distinct == {"lte-m", "wifi", "gateway"}
+    assert statement_document(final, evidence=True)["evidence"]["lte-m"] == list(
+        distinct.device_ids
+    )
+    # d1-d5, set Inactive in October and still so, stop from November; d18 joins.
+    assert november.classes["lte-m"].peak == 13
+    assert november.classes["lte-m"].device_ids == tuple(sorted(f"seat-d{n}" for n in range(6, 19)))
+    # The peak-billed account closed in the same run is untouched by its neighbour's metric.
+    assert peak_billed.subtotal == 3500
 
 
 def test_closing_twice_or_concurrently_gives_one_statement(
@@ -308,7 +353,7 @@ def test_a_failing_peak_computation_fails_its_accounts_not_the_close(
     worked_example(database_url, "aaa")
     worked_example(database_url, "bbb")
 
-    def broken(*_args: object) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("2 devices at a peak of 3")
 
     monkeypatch.setattr("metering.statements.peaks_many", broken)
@@ -336,11 +381,11 @@ def test_future_month_and_bad_month_are_refused(database_url: str) -> None:
     worked_example(database_url)
     with connect(database_url) as conn:
         with pytest.raises(InvalidError, match="has not started yet"):
-            get_usage(conn, "acme", "2026-12", now=NOW)
+            get_usage(conn, CATALOG, "acme", "2026-12", now=NOW)
         with pytest.raises(InvalidError, match="YYYY-MM"):
-            get_usage(conn, "acme", "2026/10", now=NOW)
+            get_usage(conn, CATALOG, "acme", "2026/10", now=NOW)
         with pytest.raises(NotFoundError):
-            get_usage(conn, "nobody", "2026-10", now=NOW)
+            get_usage(conn, CATALOG, "nobody", "2026-10", now=NOW)
 
 
 def test_export_is_byte_stable_with_checksum(

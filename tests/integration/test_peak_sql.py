@@ -81,6 +81,10 @@ def event_lists(orders: st.SearchStrategy[int]) -> st.SearchStrategy[list[Event]
 # Few distinct orders, so one device's events at one instant often tie on time and fight on
 # order; an order shared by two different events is an exact tie settled by state in both paths.
 ORDERS = st.integers(min_value=1, max_value=12)
+# Classes counted as distinct devices (M6): none, one of the two, a class with no devices, both.
+DISTINCT = st.sampled_from(
+    [frozenset(), frozenset({"lte-m"}), frozenset({"wifi", "nb-iot"}), frozenset(CLASS_OF.values())]
+)
 
 
 @settings(
@@ -89,8 +93,10 @@ ORDERS = st.integers(min_value=1, max_value=12)
     # One database for the whole test; each example rolls its events back.
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(first=event_lists(ORDERS), second=event_lists(ORDERS))
-def test_sql_agrees_with_compute_peaks(conn: Conn, first: list[Event], second: list[Event]) -> None:
+@given(first=event_lists(ORDERS), second=event_lists(ORDERS), distinct=DISTINCT)
+def test_sql_agrees_with_compute_peaks(
+    conn: Conn, first: list[Event], second: list[Event], distinct: frozenset[str]
+) -> None:
     # Each example in its own transaction, rolled back: the table is empty for the next.
     with conn.transaction(force_rollback=True):
         insert(conn, 1, first)
@@ -102,6 +108,11 @@ def test_sql_agrees_with_compute_peaks(conn: Conn, first: list[Event], second: l
         assert sql_peaks_many(conn, [1, 2, 3], START, END) == {
             1: expected,
             2: compute_peaks(second, START, END),
+            3: {},
+        }
+        assert sql_peaks_many(conn, [1, 2, 3], START, END, distinct=distinct) == {
+            1: compute_peaks(first, START, END, distinct=distinct),
+            2: compute_peaks(second, START, END, distinct=distinct),
             3: {},
         }
 
@@ -133,6 +144,10 @@ def test_worked_example_through_sql(conn: Conn) -> None:
         "lte-m": ClassPeak(
             "lte-m", 13, datetime(2026, 10, 31, 16, 0, tzinfo=UTC), tuple(sorted(d[5:18]))
         )
+    }
+    # Distinct (M6): every device Active in October, the last of them d17 at 23:59:59.
+    assert sql_peaks(conn, 1, START, END, distinct=frozenset({"lte-m"})) == {
+        "lte-m": ClassPeak("lte-m", 17, jst("2026-10-31T23:59:59"), tuple(sorted(d[0:17])))
     }
 
 
@@ -227,9 +242,9 @@ def renamed(events: list[Event], prefix: str) -> list[Event]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(first=event_lists(ORDERS), second=event_lists(ORDERS))
+@given(first=event_lists(ORDERS), second=event_lists(ORDERS), distinct=DISTINCT)
 def test_numpy_path_agrees_with_compute_peaks(
-    conn: Conn, first: list[Event], second: list[Event]
+    conn: Conn, first: list[Event], second: list[Event], distinct: frozenset[str]
 ) -> None:
     second = renamed(second, "z")
     with conn.transaction(force_rollback=True):
@@ -242,6 +257,11 @@ def test_numpy_path_agrees_with_compute_peaks(
         # Called directly: a silent fall back to SQL would prove nothing about this path.
         assert frame_peaks_many(conn, [1, 2, 3], START, END) == {**expected, 3: {}}
         assert peaks(conn, 1, START, END) == expected[1]
+        assert frame_peaks_many(conn, [1, 2, 3], START, END, distinct=distinct) == {
+            1: compute_peaks(first, START, END, distinct=distinct),
+            2: compute_peaks(second, START, END, distinct=distinct),
+            3: {},
+        }
 
 
 def test_numpy_path_on_the_worked_example(conn: Conn) -> None:
@@ -251,6 +271,11 @@ def test_numpy_path_on_the_worked_example(conn: Conn) -> None:
     assert frame_peaks_many(conn, [1], START, END) == {1: sql_peaks(conn, 1, START, END)}
     assert frame_peaks_many(conn, [1], START, END)[1]["lte-m"].peak == 12
     assert frame_peaks_many(conn, [], START, END) == {}
+    lte = frozenset({"lte-m"})
+    assert frame_peaks_many(conn, [1], START, END, distinct=lte) == {
+        1: sql_peaks(conn, 1, START, END, distinct=lte)
+    }
+    assert frame_peaks_many(conn, [1], START, END, distinct=lte)[1]["lte-m"].peak == 17
 
 
 def test_an_event_of_an_unregistered_device_goes_to_the_sql_path(
@@ -263,3 +288,8 @@ def test_an_event_of_an_unregistered_device_goes_to_the_sql_path(
         frame_peaks_many(conn, [1], START, END)
     assert peaks_many(conn, [1], START, END) == {1: compute_peaks(events, START, END)}
     assert "computed in SQL instead" in caplog.text
+    # The fall back keeps the distinct classes.
+    lte = frozenset({"lte-m"})
+    assert peaks_many(conn, [1], START, END, distinct=lte) == {
+        1: compute_peaks(events, START, END, distinct=lte)
+    }

@@ -183,7 +183,7 @@ def test_a_month_closes_the_same_over_compressed_chunks(tsdb_url: str) -> None:
     migrate(tsdb_url, storage="timescaledb")
     worked_example(tsdb_url)
     with connect(tsdb_url) as conn:
-        before = get_usage(conn, "acme", "2026-10", now=NOW).classes
+        before = get_usage(conn, CATALOG, "acme", "2026-10", now=NOW).classes
     assert before["lte-m"].peak == 12
 
     compressed = rows(
@@ -202,7 +202,7 @@ def test_a_month_closes_the_same_over_compressed_chunks(tsdb_url: str) -> None:
         row = conn.execute("SELECT id FROM accounts WHERE ref = 'acme'").fetchone()
         assert row is not None
         account_id = int(str(row["id"]))
-        usage = get_usage(conn, "acme", "2026-10", now=NOW).classes
+        usage = get_usage(conn, CATALOG, "acme", "2026-10", now=NOW).classes
         # Both peak paths read compressed chunks: the NumPy one (the close's) and the SQL one.
         assert frame_peaks_many(conn, [account_id], *OCTOBER) == {account_id: usage}
         assert sql_peaks(conn, account_id, *OCTOBER) == usage

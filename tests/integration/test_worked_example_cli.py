@@ -70,6 +70,7 @@ def test_october_peaks_at_12_and_bills_3500_graduated_3000_volume(
             "peak": 12,
             "peak_at": "2026-10-05T00:00:00Z",
             "amount": "3500",
+            "metric": "peak",
             "devices": sorted(f"acme-d{n}" for n in range(1, 13)),
         }
     }

@@ -16,6 +16,7 @@ from metering.catalog import (
     CatalogError,
     TaxRateNotFoundError,
     Tier,
+    distinct_classes,
     load_catalog,
     parse_catalog,
 )
@@ -82,7 +83,7 @@ def test_default_catalog_is_the_shipped_file(default: Catalog) -> None:
     assert DEFAULT_CATALOG_PATH.is_file()
     assert default.source == str(DEFAULT_CATALOG_PATH)
     assert load_catalog(DEFAULT_CATALOG_PATH) == default
-    assert sorted(default.plans) == ["standard", "standard-volume", "starter"]
+    assert sorted(default.plans) == ["seats", "standard", "standard-volume", "starter"]
     assert sorted(default.tax) == ["JP", "US"]
     # No shipped plan asks for a payment method: registration works out of the box.
     assert not [p for p in default.plans.values() if p.payment_method_required]
@@ -124,6 +125,28 @@ def test_default_standard_volume_mirrors_standard(
     assert default.plan("standard-volume").classes[cls].tiers == expected
 
 
+def test_default_seats_is_standard_counted_as_distinct_devices(default: Catalog) -> None:
+    seats, standard = default.plan("seats"), default.plan("standard")
+    assert distinct_classes(seats) == {"lte-m", "wifi", "gateway"}
+    for cls, pricing in seats.classes.items():
+        assert pricing.metric == "distinct"
+        assert (pricing.mode, pricing.tiers) == (
+            standard.classes[cls].mode,
+            standard.classes[cls].tiers,
+        )
+
+
+@pytest.mark.parametrize("name", ["standard", "standard-volume", "starter"])
+def test_default_plans_other_than_seats_are_peak(default: Catalog, name: str) -> None:
+    plan = default.plan(name)
+    assert {p.metric for p in plan.classes.values()} == {"peak"}
+    assert distinct_classes(plan) == frozenset()
+
+
+def test_distinct_classes_of_a_missing_plan_is_empty() -> None:
+    assert distinct_classes(None) == frozenset()
+
+
 def test_default_starter_has_free_month_and_free_first_tier(default: Catalog) -> None:
     starter = default.plan("starter")
     assert starter.free_signup_month is True
@@ -161,7 +184,7 @@ def test_unknown_plan_lists_known_plans(default: Catalog) -> None:
     with pytest.raises(KeyError) as info:
         default.plan("premium")
     assert str(info.value) == (
-        "unknown plan 'premium'; known plans: standard, standard-volume, starter"
+        "unknown plan 'premium'; known plans: seats, standard, standard-volume, starter"
     )
 
 
@@ -203,6 +226,12 @@ def test_optional_keys_default_to_no_fee_and_no_free_month(tmp_path: Path) -> No
     assert plan.payment_method_required is False
 
 
+def test_metric_defaults_to_peak(tmp_path: Path) -> None:
+    plan = load_catalog(write(tmp_path, VALID)).plan("p")
+    assert plan.classes["c"].metric == "peak"
+    assert distinct_classes(plan) == frozenset()
+
+
 def test_tax_table_is_optional(tmp_path: Path) -> None:
     assert load_catalog(write(tmp_path, PLAN + CLASS)).tax == {}
 
@@ -235,6 +264,14 @@ def test_tax_table_is_optional(tmp_path: Path) -> None:
         pytest.param(
             'mode = "graduated"', 'mode = "volume"',
             lambda c: c.plan("p").classes["c"].mode, "volume", id="volume-mode",
+        ),
+        pytest.param(
+            'mode = "graduated"', 'mode = "graduated"\nmetric = "distinct"',
+            lambda c: c.plan("p").classes["c"].metric, "distinct", id="metric-distinct",
+        ),
+        pytest.param(
+            'mode = "graduated"', 'mode = "graduated"\nmetric = "peak"',
+            lambda c: c.plan("p").classes["c"].metric, "peak", id="metric-peak",
         ),
         pytest.param(
             'rounding = "down"', 'rounding = "half_even"',
@@ -358,6 +395,24 @@ BAD_CATALOGS = [
     pytest.param(
         variant('mode = "graduated"\n', ""), "plans.p.classes.c.mode", "missing required key",
         id="mode-missing",
+    ),
+    pytest.param(
+        variant('mode = "graduated"', 'mode = "graduated"\nmetric = "unique"'),
+        "plans.p.classes.c.metric", "unknown metric 'unique' (expected one of: peak, distinct)",
+        id="unknown-metric",
+    ),
+    pytest.param(
+        variant('mode = "graduated"', 'mode = "graduated"\nmetric = "Distinct"'),
+        "plans.p.classes.c.metric", "unknown metric 'Distinct'", id="metric-capitalised",
+    ),
+    pytest.param(
+        variant('mode = "graduated"', 'mode = "graduated"\nmetric = true'),
+        "plans.p.classes.c.metric", "unknown metric True", id="metric-not-string",
+    ),
+    pytest.param(
+        variant('mode = "graduated"', 'mode = "graduated"\nmetrics = "distinct"'),
+        "plans.p.classes.c.metrics", "unknown key (expected one of: metric, mode, tiers)",
+        id="metric-typo",
     ),
     pytest.param(
         variant(TIERS, "tiers = []"), T, "no tiers", id="tiers-empty",

@@ -351,3 +351,179 @@ def test_large_fleet_is_linearithmic() -> None:
     ]
     peaks = compute_peaks(events, OCT_START, OCT_END)
     assert peaks["lte-m"].peak == len(peaks["lte-m"].device_ids) > 0
+
+
+# --- distinct vs peak on the same timeline (M6) ---------------------------------------------------
+
+
+def day(n: float) -> datetime:
+    return OCT_START + timedelta(days=n)
+
+
+def on_off_at_once(at: datetime, device: str) -> list[Event]:
+    """Switched on, then off, at one instant: the off is recorded later and wins (D3, M3)."""
+    return [ev(at, device, "active", order=10_000), ev(at, device, "inactive", order=10_001)]
+
+
+def off_on_at_once(at: datetime, device: str) -> list[Event]:
+    return [ev(at, device, "inactive", order=10_000), ev(at, device, "active", order=10_001)]
+
+
+LTE = frozenset({"lte-m"})
+
+# (events, month, peak's answer, distinct's answer), each for class lte-m.
+TIMELINES = [
+    pytest.param(
+        [ev(day(-40), "d1"), ev(day(-40), "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 2, OCT_START, devices(1, 2)),
+        ClassPeak("lte-m", 2, OCT_START, devices(1, 2)),
+        id="active-from-before-the-month",
+    ),
+    pytest.param(
+        [ev(day(-40), "d1"), ev(day(5), "d1", "inactive"), ev(day(10), "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 1, OCT_START, devices(1)),
+        ClassPeak("lte-m", 2, day(10), devices(1, 2)),
+        id="added-mid-month-counts-for-distinct",
+    ),
+    pytest.param(
+        [ev(day(1), "d1"), ev(day(1), "d2"), ev(day(3), "d3"), ev(day(3), "d1", "inactive")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 2, day(1), devices(1, 2)),
+        ClassPeak("lte-m", 3, day(3), devices(1, 2, 3)),
+        id="swap-at-one-instant-peak-unchanged-distinct-plus-one",
+    ),
+    pytest.param(
+        [ev(day(1), "d1"), ev(day(10), "d1", "inactive"), ev(day(2), "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 2, day(2), devices(1, 2)),
+        ClassPeak("lte-m", 2, day(2), devices(1, 2)),
+        id="set-inactive-mid-month-still-counted-that-month",
+    ),
+    pytest.param(
+        [ev(day(1), "d1"), ev(day(10), "d1", "inactive"), ev(day(2), "d2")],
+        (NOV_START, NOV_END),
+        ClassPeak("lte-m", 1, NOV_START, devices(2)),
+        ClassPeak("lte-m", 1, NOV_START, devices(2)),
+        id="set-inactive-not-counted-next-month",
+    ),
+    pytest.param(
+        [ev(day(1), "d1"), *on_off_at_once(day(2), "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 1, day(1), devices(1)),
+        ClassPeak("lte-m", 1, day(1), devices(1)),
+        id="on-and-off-at-one-instant-never-active",
+    ),
+    pytest.param(
+        [ev(day(1), "d1"), *off_on_at_once(day(2), "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 2, day(2), devices(1, 2)),
+        ClassPeak("lte-m", 2, day(2), devices(1, 2)),
+        id="off-and-on-at-one-instant-active-from-it",
+    ),
+    pytest.param(
+        [ev(day(-1), "d1"), *on_off_at_once(OCT_START, "d2"), ev(OCT_START, "d1", "inactive")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 0, OCT_START, ()),
+        ClassPeak("lte-m", 0, OCT_START, ()),
+        id="switched-off-at-the-first-instant-never-active",
+    ),
+    pytest.param(
+        [ev(day(-3), "d1"), ev(day(-1), "d1", "inactive")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 0, OCT_START, ()),
+        ClassPeak("lte-m", 0, OCT_START, ()),
+        id="inactive-all-month-class-still-listed",
+    ),
+    pytest.param(
+        [ev(day(1), "d1"), ev(day(2), "d1", "inactive"), ev(day(3), "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 1, day(1), devices(1)),
+        ClassPeak("lte-m", 2, day(3), devices(1, 2)),
+        id="one-after-the-other",
+    ),
+    pytest.param(
+        [
+            ev(day(1), "d1"),
+            *(ev(day(n), "d1", "inactive" if n % 2 else "active") for n in range(2, 20)),
+        ],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 1, day(1), devices(1)),
+        ClassPeak("lte-m", 1, day(1), devices(1)),
+        id="flipping-device-counted-once-from-its-first-instant",
+    ),
+    pytest.param(
+        [ev(OCT_END - timedelta(microseconds=1), "d1"), ev(OCT_END, "d2")],
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 1, OCT_END - timedelta(microseconds=1), devices(1)),
+        ClassPeak("lte-m", 1, OCT_END - timedelta(microseconds=1), devices(1)),
+        id="last-microsecond-counts-the-end-does-not",
+    ),
+    pytest.param(
+        worked_example(),
+        (OCT_START, OCT_END),
+        ClassPeak("lte-m", 12, jst("2026-10-05T09:00"), devices(*range(1, 13))),
+        ClassPeak("lte-m", 17, jst("2026-10-31T23:59:59"), devices(*range(1, 18))),
+        id="worked-example-october",
+    ),
+    pytest.param(
+        worked_example(),
+        (NOV_START, NOV_END),
+        ClassPeak("lte-m", 13, datetime(2026, 10, 31, 16, tzinfo=UTC), devices(*range(6, 19))),
+        ClassPeak("lte-m", 13, datetime(2026, 10, 31, 16, tzinfo=UTC), devices(*range(6, 19))),
+        id="worked-example-november",
+    ),
+]
+
+
+@pytest.mark.parametrize(("events", "month", "peak", "distinct"), TIMELINES)
+def test_distinct_vs_peak_on_the_same_timeline(
+    events: list[Event], month: tuple[datetime, datetime], peak: ClassPeak, distinct: ClassPeak
+) -> None:
+    start, end = month
+    assert compute_peaks(events, start, end) == {"lte-m": peak}
+    assert compute_peaks(events, start, end, distinct=LTE) == {"lte-m": distinct}
+    # Arrival order never matters (D3), for either metric.
+    shuffled = events * 2
+    random.Random(3).shuffle(shuffled)
+    assert compute_peaks(shuffled, start, end, distinct=LTE) == {"lte-m": distinct}
+
+
+def test_distinct_only_for_the_classes_named() -> None:
+    events = [
+        ev(day(1), "d1"),
+        ev(day(2), "d1", "inactive"),
+        ev(day(3), "d2"),
+        ev(day(1), "w1", cls="wifi"),
+        ev(day(2), "w1", "inactive", cls="wifi"),
+        ev(day(3), "w2", cls="wifi"),
+        ev(day(1), "g1", "inactive", cls="gateway"),
+    ]
+    assert compute_peaks(events, OCT_START, OCT_END, distinct=frozenset({"wifi", "gateway"})) == {
+        "gateway": ClassPeak("gateway", 0, OCT_START, ()),
+        "lte-m": ClassPeak("lte-m", 1, day(1), devices(1)),
+        "wifi": ClassPeak("wifi", 2, day(3), ("w1", "w2")),
+    }
+    # A distinct class that has no devices at all is simply absent, as for peaks.
+    assert compute_peaks(events, OCT_START, OCT_END, distinct=frozenset({"nb-iot"})) == (
+        compute_peaks(events, OCT_START, OCT_END)
+    )
+
+
+def test_distinct_is_at_least_the_peak_on_a_random_fleet() -> None:
+    rng = random.Random(5)
+    month = int((OCT_END - OCT_START).total_seconds())
+    events = [
+        ev(
+            OCT_START + timedelta(seconds=rng.randrange(-86_400, month, 3600)),
+            f"d{rng.randrange(300)}",
+            "active" if rng.random() < 0.5 else "inactive",
+        )
+        for _ in range(5_000)
+    ]
+    peak = compute_peaks(events, OCT_START, OCT_END)["lte-m"]
+    distinct = compute_peaks(events, OCT_START, OCT_END, distinct=LTE)["lte-m"]
+    assert distinct.peak >= peak.peak
+    assert set(peak.device_ids) <= set(distinct.device_ids)
+    assert distinct.peak == len(distinct.device_ids)

@@ -409,9 +409,10 @@ def _tax(
     return rate.rate, round_money(tax, currency)
 
 
-#: Events received this long before an account's last close are looked at again by the next
-#: one: a transaction that began before the close may commit after it. Looking again is
-#: harmless, since an adjustment is made only where the recomputed month differs.
+#: Events received this close to an account's last close are looked at again by the next one:
+#: a transaction that began before the close may commit after it, unseen by both the close
+#: and the late-event trigger. Looking again is harmless: an adjustment is made only where the
+#: recomputed month differs.
 LATE_MARGIN: Final = timedelta(hours=1)
 
 _LATE_EVENTS: Final = """
@@ -420,14 +421,25 @@ WITH last AS (
     FROM statements
     WHERE account_id = ANY(%(ids)s::bigint[]) AND month < %(month)s
     GROUP BY account_id
+), noted AS (
+    -- Noted by the trigger on device_state_events as they were stored.
+    SELECT x.account_id, x.event_time AS time
+    FROM last l
+    JOIN late_events x ON x.account_id = l.account_id
+    WHERE x.received_at > l.closed_at - %(margin)s AND x.event_time < l.period_end
+), racing AS (
+    -- Stored while the previous close was committing, before its statement was visible.
+    SELECT e.account_id, e.time
+    FROM device_state_events e
+    JOIN last l USING (account_id)
+    WHERE e.received_at BETWEEN (SELECT min(closed_at) FROM last) - %(margin)s
+                            AND (SELECT max(closed_at) FROM last) + %(margin)s
+      AND e.received_at BETWEEN l.closed_at - %(margin)s AND l.closed_at + %(margin)s
+      AND e.time < l.period_end
 )
-SELECT e.account_id, min(e.time) AS since
-FROM device_state_events e
-JOIN last l USING (account_id)
-WHERE e.received_at > (SELECT min(closed_at) FROM last) - %(margin)s
-  AND e.received_at > l.closed_at - %(margin)s
-  AND e.time < l.period_end
-GROUP BY e.account_id
+SELECT account_id, min(time) AS since
+FROM (SELECT * FROM noted UNION ALL SELECT * FROM racing) late
+GROUP BY account_id
 """
 
 

@@ -71,6 +71,32 @@ ALTER TABLE statement_lines
 ALTER TABLE statements ADD COLUMN format_version smallint NOT NULL DEFAULT 1;
 ALTER TABLE statements ALTER COLUMN format_version SET DEFAULT 2;
 
--- Late events (C2): the next close looks for events received since the account's last close.
--- Ingest appends in received order, so a BRIN index is tiny and skips old months' blocks.
+-- Late events (C2): an event stored for a month already closed is noted as it is stored, so
+-- the account's next close (and its preliminary usage) finds the closed months to recompute
+-- without reading the month's events. Rare by nature; one indexed lookup per state event.
+CREATE TABLE late_events (
+    account_id   bigint NOT NULL,
+    event_time   timestamptz NOT NULL,
+    received_at  timestamptz NOT NULL
+);
+CREATE INDEX late_events_account ON late_events (account_id, received_at);
+
+CREATE FUNCTION devmeter_note_late_event() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM statements s
+        WHERE s.account_id = NEW.account_id AND s.period_end > NEW.time
+    ) THEN
+        INSERT INTO late_events (account_id, event_time, received_at)
+        VALUES (NEW.account_id, NEW.time, NEW.received_at);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER device_state_events_late AFTER INSERT ON device_state_events
+    FOR EACH ROW EXECUTE FUNCTION devmeter_note_late_event();
+
+-- An event stored while a close was committing cannot see that close's statement: the close
+-- also reads the events received around its previous close, through this small index.
 CREATE INDEX device_state_events_received ON device_state_events USING brin (received_at);

@@ -920,7 +920,12 @@ def webhooks_retry(
 @main.command()
 @_month_option("The closed month to export.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl", "cloudevents"]),
+    default="csv",
+    show_default=True,
+    help="cloudevents: one CloudEvent 1.0 per statement line, JSON Lines (OpenMeter ingests it).",
 )
 @click.option(
     "--out",
@@ -933,17 +938,27 @@ def export(month: str, fmt: str, out: Path | None) -> None:
 
     With --out, the file is written whole or not at all and a JSON summary (export id,
     SHA-256, rows) goes to stdout; without, the export goes to stdout and the summary to stderr.
+    A month not closed yet is refused with the instant from which `devmeter close` can close it.
     """
     import os
+    from datetime import timedelta
 
     from metering.export import export_month
 
-    with transaction(settings()) as conn:
-        result = export_month(conn, month, fmt)
+    config = settings()
+    with transaction(config) as conn:
+        result = export_month(
+            conn,
+            month,
+            fmt,
+            now=_now(),
+            grace=timedelta(minutes=config.close_grace_minutes),
+        )
     summary = {
         "export_id": result.export_id,
         "month": result.month,
         "format": result.format,
+        "layout": result.layout,
         "sha256": result.sha256,
         "rows": result.rows,
         "statements": result.statements,

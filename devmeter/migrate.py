@@ -105,13 +105,18 @@ def migrate(
     heartbeat_retention_days: int = 400,
     service_role: str = SERVICE_ROLE,
     service_password: str | None = None,
+    target: int | None = None,
 ) -> MigrateResult:
     """Apply the migrations as the owner ``url`` logs in as, then create (or check) the
-    service role and grant it exactly devmeter/service_role.sql."""
+    service role and grant it exactly devmeter/service_role.sql.
+
+    ``target`` stops after that version: an upgrade test builds the database an older release
+    left behind, writes what that release wrote, then migrates the rest of the way.
+    """
     with connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
-            result = _migrate_locked(conn, storage, heartbeat_retention_days)
+            result = _migrate_locked(conn, storage, heartbeat_retention_days, target)
             ensure_service_role(conn, service_role, service_password)
             return result
         finally:
@@ -119,7 +124,10 @@ def migrate(
 
 
 def _migrate_locked(
-    conn: psycopg.Connection[dict[str, object]], storage: str, retention_days: int
+    conn: psycopg.Connection[dict[str, object]],
+    storage: str,
+    retention_days: int,
+    target: int | None = None,
 ) -> MigrateResult:
     conn.execute(
         """
@@ -150,6 +158,8 @@ def _migrate_locked(
     }
     applied: list[str] = []
     for migration in available_migrations(mode):
+        if target is not None and migration.version > target:
+            break
         if migration.version in done:
             if done[migration.version] != migration.checksum:
                 raise ConfigError(

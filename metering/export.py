@@ -1,9 +1,17 @@
-"""The monthly export to the billing system (SPEC C3): closed statements as CSV or JSON Lines.
+"""The monthly export to the billing system (SPEC C3): closed statements as CSV, JSON Lines or
+CloudEvents.
 
 Byte-stable by construction: only final statements go in (they never change), rows are
 ordered by account ref and line number, money is written as exact decimal strings and times
 in UTC with a ``Z``. So the same closed month always exports the same bytes, the checksum is
 reproducible, and the export id, derived from the content, names exactly this content.
+
+Two layouts, because billing already holds the bytes of months closed before migration 0012:
+a month whose statements all have ``format_version`` 1 is written in the layout it had then
+(``COLUMNS_V1``), byte for byte; any other month in ``COLUMNS_V2``, which keeps the v1 columns
+in their places and appends the tax rate and the adjustment columns, so a reader of v1 by
+position still reads v2. A v1 statement in a v2 month shows its stored values (it has no
+adjustment lines; its tax rate was stored with it).
 """
 
 from __future__ import annotations
@@ -12,25 +20,28 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Literal
+from zoneinfo import ZoneInfo
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 
 from devmeter.errors import InvalidError, NotFoundError
 from metering.pricing import format_money
-from metering.statements import month_start
+from metering.registry import Account
+from metering.statements import DEFAULT_GRACE, closable_at, month_name, month_start
 
-Format = Literal["csv", "jsonl"]
-FORMATS: Final = ("csv", "jsonl")
+Format = Literal["csv", "jsonl", "cloudevents"]
+FORMATS: Final = ("csv", "jsonl", "cloudevents")
 
-#: Column order of both formats. A statement without lines (no devices, no base fee) still
-#: appears, as one row with line_no 0 and kind "none", so billing sees every closed account.
-COLUMNS: Final = (
+#: Column order of both formats for months closed before migration 0012, kept byte for byte. A
+#: statement without lines (no devices, no base fee) still appears, as one row with line_no 0
+#: and kind "none", so billing sees every closed account.
+COLUMNS_V1: Final = (
     "export_id",
     "account",
     "month",
@@ -49,6 +60,21 @@ COLUMNS: Final = (
     "due_date",
     "closed_at",
 )
+#: Every other month: the v1 columns, then the statement's tax rate and, on adjustment lines
+#: (C2), the month corrected, the quantities billed and corrected and the rate that month was
+#: taxed at (``line_tax_rate``: one CSV header cannot hold two ``tax_rate`` columns).
+COLUMNS_V2: Final = (
+    *COLUMNS_V1,
+    "tax_rate",
+    "corrects_month",
+    "billed_quantity",
+    "corrected_quantity",
+    "line_tax_rate",
+)
+#: CloudEvents attributes of ``--format cloudevents`` (structured mode, JSON format, one event
+#: per line), what OpenMeter ingests.
+CLOUDEVENTS_SOURCE: Final = "devmeter"
+CLOUDEVENTS_TYPE: Final = "devmeter.statement.line"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +86,9 @@ class Export:
     sha256: str
     rows: int
     statements: int
+    #: 1: the month is exported as it was before migration 0012; 2: with every line kind's
+    #: columns and the tax rate.
+    layout: int = 2
 
     @property
     def media_type(self) -> str:
@@ -67,13 +96,22 @@ class Export:
 
     @property
     def filename(self) -> str:
+        if self.format == "cloudevents":
+            return f"devmeter-{self.month}.cloudevents.jsonl"
         return f"devmeter-{self.month}.{self.format}"
 
 
+def statement_key(account_ref: str, month: str) -> str:
+    """One name per statement, whatever the export: the webhook's idempotency key, and with a
+    line number the id of that line's CloudEvent."""
+    return f"dmstmt-{account_ref}-{month}"
+
+
 _ROWS_SQL: Final = """
-SELECT a.ref AS account, s.id AS statement_id, s.currency, s.subtotal, s.tax,
-       s.credits_applied, s.amount_due, s.due_date, s.closed_at,
-       l.line_no, l.kind, l.device_class, l.description, l.quantity, l.unit_price, l.amount
+SELECT a.ref AS account, s.id AS statement_id, s.format_version, s.currency, s.subtotal,
+       s.tax_rate, s.tax, s.credits_applied, s.amount_due, s.due_date, s.closed_at,
+       l.line_no, l.kind, l.device_class, l.description, l.quantity, l.unit_price, l.amount,
+       l.corrects_month, l.billed_quantity, l.corrected_quantity, l.tax_rate AS line_tax_rate
 FROM statements s
 JOIN accounts a ON a.id = s.account_id
 LEFT JOIN statement_lines l ON l.statement_id = s.id
@@ -83,27 +121,41 @@ ORDER BY a.ref, l.line_no
 
 
 def export_month(
-    conn: psycopg.Connection[Any], month: str, fmt: str, *, statement_id: int | None = None
+    conn: psycopg.Connection[Any],
+    month: str,
+    fmt: str,
+    *,
+    statement_id: int | None = None,
+    now: datetime | None = None,
+    grace: timedelta = DEFAULT_GRACE,
 ) -> Export:
-    """All final statements of ``month`` (or one, for its webhook) in ``fmt``."""
+    """All final statements of ``month`` (or one, for its webhook) in ``fmt``.
+
+    ``now`` and ``grace`` only word the refusal of a month with nothing closed: when
+    ``devmeter close`` can close it.
+    """
     if fmt not in FORMATS:
-        raise InvalidError(f"unknown format {fmt!r}: expected csv or jsonl", field="format")
+        raise InvalidError(
+            f"unknown format {fmt!r}: expected csv, jsonl or cloudevents", field="format"
+        )
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             _ROWS_SQL, {"month": month_start(month), "statement_id": statement_id}
         ).fetchall()
     if not rows:
-        raise NotFoundError(
-            f"no closed statements for {month}: close the month first (devmeter close --month "
-            f"{month})",
-            field="month",
-        )
-    records = [_record(month, row) for row in rows]
+        raise _not_closed(conn, month, now or datetime.now(UTC), grace)
+    layout = 1 if all(row["format_version"] == 1 for row in rows) else 2
+    columns = COLUMNS_V1 if layout == 1 else COLUMNS_V2
+    records = [_record(month, row, layout) for row in rows]
     # The id names the content, independent of the format it is written in.
-    digest = hashlib.sha256(_jsonl(records)).hexdigest()
+    digest = hashlib.sha256(_jsonl(records, columns)).hexdigest()
     export_id = f"dmx-{month}-{digest[:16]}"
-    records = [{"export_id": export_id, **r} for r in records]
-    body = _csv(records) if fmt == "csv" else _jsonl(records)
+    if fmt == "cloudevents":
+        # Events carry every column whatever the layout: nobody held their bytes before.
+        body = _cloudevents([_record(month, row, 2) for row in rows])
+    else:
+        records = [{"export_id": export_id, **r} for r in records]
+        body = _csv(records, columns) if fmt == "csv" else _jsonl(records, columns)
     return Export(
         export_id=export_id,
         month=month,
@@ -112,13 +164,74 @@ def export_month(
         sha256=hashlib.sha256(body).hexdigest(),
         rows=len(records),
         statements=len({row["statement_id"] for row in rows}),
+        layout=layout,
     )
 
 
-def _record(month: str, row: dict[str, Any]) -> dict[str, str | int | None]:
+def _not_closed(
+    conn: psycopg.Connection[Any], month: str, now: datetime, grace: timedelta
+) -> NotFoundError:
+    """Why nothing is exported: the month is still open, and from when ``devmeter close`` can
+    close it; or it could be closed and nobody has yet. One line, for the CLI's stderr."""
+    first = month_start(month)
+    with conn.cursor(row_factory=class_row(Account)) as cur:
+        accounts = cur.execute(
+            "SELECT * FROM accounts WHERE signed_up_on < %s ORDER BY ref",
+            (_next_month(first),),
+        ).fetchall()
+    command = f"devmeter close --month {month}"
+    if not accounts:
+        return NotFoundError(
+            f"no closed statements for {month}: no account had signed up by then, so there is "
+            "nothing to close",
+            field="month",
+        )
+    # The month ends zone by zone: the first zone's end bounds when the first account can be
+    # closed, the last zone's when all can.
+    ends = sorted({(closable_at(a, month, grace), a.timezone) for a in accounts})
+    (earliest, first_zone), (latest, last_zone) = ends[0], ends[-1]
+    if now >= latest:
+        return NotFoundError(
+            f"no closed statements for {month}: close the month first ({command}; closable "
+            f"since {_local(latest, last_zone)})",
+            field="month",
+        )
+    all_from = (
+        f"{_local(latest, last_zone)} (its end in {last_zone} plus {_minutes(grace)} min "
+        "grace for late heartbeats)"
+    )
+    if now < earliest and earliest == latest:
+        when = f"from {all_from}"
+    elif now < earliest:
+        when = (
+            f"from {_local(earliest, first_zone)} in {first_zone}, for all accounts from {all_from}"
+        )
+    else:
+        when = f"for some accounts now, for all from {all_from}"
+    where = "" if now < earliest else f" in {last_zone}"
+    return NotFoundError(
+        f"no closed statements for {month}: the month is not closable yet{where}; close the month "
+        f"first: {command} can close it {when}",
+        field="month",
+    )
+
+
+def _next_month(first: date) -> date:
+    return date(first.year + first.month // 12, first.month % 12 + 1, 1)
+
+
+def _minutes(grace: timedelta) -> int:
+    return int(grace.total_seconds() // 60)
+
+
+def _local(at: datetime, tz: str) -> str:
+    return at.astimezone(ZoneInfo(tz)).isoformat()
+
+
+def _record(month: str, row: dict[str, Any], layout: int) -> dict[str, str | int | None]:
     currency = row["currency"]
     has_line = row["line_no"] is not None
-    return {
+    record: dict[str, str | int | None] = {
         "account": row["account"],
         "month": month,
         "currency": currency,
@@ -138,26 +251,61 @@ def _record(month: str, row: dict[str, Any]) -> dict[str, str | int | None]:
         "due_date": row["due_date"].isoformat(),
         "closed_at": _utc(row["closed_at"]),
     }
+    if layout == 1:
+        return record
+    corrects = row["corrects_month"]
+    return {
+        **record,
+        # Rates as stored ("0.10"): a rate is not money and has no minor unit to round to.
+        "tax_rate": str(row["tax_rate"]),
+        "corrects_month": month_name(corrects) if corrects is not None else None,
+        "billed_quantity": row["billed_quantity"],
+        "corrected_quantity": row["corrected_quantity"],
+        "line_tax_rate": None if row["line_tax_rate"] is None else str(row["line_tax_rate"]),
+    }
 
 
 def _utc(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _jsonl(records: Iterable[dict[str, Any]]) -> bytes:
-    return b"".join(
-        json.dumps(
-            {k: r[k] for k in COLUMNS if k in r}, ensure_ascii=False, separators=(",", ":")
-        ).encode()
-        + b"\n"
-        for r in records
-    )
+def _json_line(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-def _csv(records: Iterable[dict[str, Any]]) -> bytes:
+def _jsonl(records: Iterable[dict[str, Any]], columns: Sequence[str]) -> bytes:
+    return b"".join(_json_line({k: r[k] for k in columns if k in r}) for r in records)
+
+
+def _csv(records: Iterable[dict[str, Any]], columns: Sequence[str]) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for r in records:
-        writer.writerow(["" if r[k] is None else r[k] for k in COLUMNS])
+        writer.writerow(["" if r[k] is None else r[k] for k in columns])
     return out.getvalue().encode()
+
+
+def _cloudevents(records: Iterable[dict[str, Any]]) -> bytes:
+    """One CloudEvent 1.0 per line, structured mode, JSON format.
+
+    The id names the statement line, not the export: a line is final, so exporting the month
+    again (after another account closed, say) repeats each event with the same id and the
+    same bytes, and a consumer that deduplicates on (source, id), as OpenMeter does, counts it
+    once. For the same reason ``data`` leaves out the export id, which changes with the month.
+    """
+    return b"".join(
+        _json_line(
+            {
+                "specversion": "1.0",
+                "id": f"{statement_key(str(r['account']), r['month'])}:{r['line_no']}",
+                "source": CLOUDEVENTS_SOURCE,
+                "type": CLOUDEVENTS_TYPE,
+                "subject": r["account"],
+                "time": r["closed_at"],
+                "datacontenttype": "application/json",
+                "data": {k: r[k] for k in COLUMNS_V2 if k in r},
+            }
+        )
+        for r in records
+    )

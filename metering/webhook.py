@@ -37,7 +37,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from devmeter.errors import InvalidError, NotFoundError
-from metering.export import export_month
+from metering.export import export_month, statement_key
 from metering.peak import parse_month
 
 log = logging.getLogger("devmeter.webhook")
@@ -108,7 +108,7 @@ def verify(secret: bytes, header: str, body: bytes, *, now: int, tolerance_s: in
 
 def idempotency_key(account_ref: str, month: str) -> str:
     """One key per statement, whatever the URL and however often it is enqueued or resent."""
-    return f"dmstmt-{account_ref}-{month}"
+    return statement_key(account_ref, month)
 
 
 _STATEMENT_SQL: Final = """

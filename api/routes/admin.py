@@ -169,11 +169,18 @@ def close(body: CloseIn, app: State) -> CloseOut:
     },
     response_class=Response,
     summary="Download a closed month's export for billing",
+    description="csv or jsonl: one row per statement line with the statement's totals; "
+    "cloudevents: one CloudEvent 1.0 per line (JSON Lines, structured mode). A month closed "
+    "before migration 0012 keeps the columns it was first exported with.",
 )
 def download_export(
-    month: str, conn: DB, format: Annotated[Literal["csv", "jsonl"], Query()] = "csv"
+    month: str,
+    conn: DB,
+    app: State,
+    format: Annotated[Literal["csv", "jsonl", "cloudevents"], Query()] = "csv",
 ) -> Response:
-    result = export_month(conn, month, format)
+    grace = timedelta(minutes=app.config.close_grace_minutes)
+    result = export_month(conn, month, format, now=datetime.now(UTC), grace=grace)
     return Response(
         result.body,
         media_type=result.media_type,

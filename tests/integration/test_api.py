@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -414,6 +415,19 @@ def test_usage_statements_and_export_of_the_worked_example(
         client.get("/v1/admin/exports/2026-10", params={"format": "jsonl"}, headers=ADMIN).content
         == export.content
     )
+    events = client.get(
+        "/v1/admin/exports/2026-10", params={"format": "cloudevents"}, headers=ADMIN
+    )
+    assert events.status_code == 200
+    assert events.headers["x-devmeter-export-id"] == export.headers["x-devmeter-export-id"]
+    assert "devmeter-2026-10.cloudevents.jsonl" in events.headers["content-disposition"]
+    [first_event, *_] = [json.loads(line) for line in events.content.splitlines()]
+    assert (first_event["specversion"], first_event["type"], first_event["subject"]) == (
+        "1.0",
+        "devmeter.statement.line",
+        "acme",
+    )
+    assert first_event["data"]["amount_due"] == "3850"
 
 
 def test_usage_of_a_distinct_plan_names_its_metric(client: TestClient, database_url: str) -> None:

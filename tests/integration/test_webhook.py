@@ -10,10 +10,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -26,77 +23,10 @@ from metering.export import export_month
 from metering.statements import close_month
 from metering.webhook import DeliveryReport, backoff, deliver_due, enqueue, sign, verify
 from tests.conftest import Cli, seed_fleet
+from tests.integration.conftest import Receiver
 
 SECRET = b"whsec-test-3f9c1d7e-never-log-me"
 KEY = "dmstmt-acme-2026-10"
-
-
-@dataclass(frozen=True)
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """Billing's end: records every request; answers from a script, then 200."""
-
-    server: ThreadingHTTPServer
-    requests: list[Received] = field(default_factory=list)
-    script: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Set at teardown, to free handlers told to "hang".
-    released: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/billing/devmeter"
-
-    def answer_next(self, *answers: str) -> None:
-        """ "500", "302" or "drop" (close the connection without a response), in order."""
-        with self.lock:
-            self.script.extend(answers)
-
-    def take(self, request: Received) -> str:
-        with self.lock:
-            self.requests.append(request)
-            return self.script.pop(0) if self.script else "200"
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            answer = rec.take(Received(self.path, dict(self.headers.items()), body))
-            if answer == "hang":
-                rec.released.wait(timeout=60)
-            if answer in ("drop", "hang"):
-                self.close_connection = True
-                return
-            code = int(answer)
-            self.send_response(code)
-            if code == 302:
-                self.send_header("Location", "/somewhere-else")
-            payload = b'{"ok":true}' if code == 200 else b""
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    rec = Receiver(server)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield rec
-    rec.released.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -194,6 +124,27 @@ def test_delivers_the_closed_statement_once_signed(
     clock.advance(timedelta(days=1))
     assert deliver(database_url, clock) == DeliveryReport()
     assert len(receiver.requests) == 1
+
+
+def test_the_signature_verifies_with_stripes_sdk(
+    database_url: str, receiver: Receiver, clock: Clock
+) -> None:
+    """A receiver already built for Stripe's webhooks can check ours with Stripe's library:
+    same ``t=<unix>,v1=<hex>`` header, same HMAC-SHA256 of ``f"{t}.{body}"``."""
+    import stripe
+
+    assert deliver(database_url, clock) == DeliveryReport(delivered=1)
+    [request] = receiver.requests
+    header = request.headers["X-Devmeter-Signature"]
+    secret = SECRET.decode()
+    # Stripe checks the timestamp against the real clock, which Clock starts from.
+    assert stripe.WebhookSignature.verify_header(request.body.decode(), header, secret, 300)
+    assert stripe.WebhookSignature.verify_header(request.body, header, secret, 300)
+    tampered = request.body.replace(b'"amount_due":"', b'"amount_due":"1')
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.WebhookSignature.verify_header(tampered, header, secret, 300)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.WebhookSignature.verify_header(request.body, header, "whsec-another-secret", 300)
 
 
 def test_enqueue_is_idempotent_and_the_key_names_the_statement(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,19 @@ def test_october_peaks_at_12_and_bills_3500_graduated_3000_volume(
     assert to_stdout.code == 0
     assert to_stdout.stdout.count("\n") == 3
     assert '"tax":"350","credits_applied":"0","amount_due":"3850"' in to_stdout.stdout
+    assert '"tax_rate":"0.10"' in to_stdout.stdout
+    events = ok(cli("export", "--month", "2026-10", "--format", "cloudevents", "--out", str(out)))
+    assert (events["format"], events["rows"], events["export_id"]) == (
+        "cloudevents",
+        3,
+        first["export_id"],
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(e["specversion"], e["id"], e["subject"]) for e in lines] == [
+        ("1.0", "dmstmt-acme-2026-10:1", "acme"),
+        ("1.0", "dmstmt-acme-2026-10:2", "acme"),
+        ("1.0", "dmstmt-vol-2026-10:1", "vol"),
+    ]
 
 
 def test_refusals_are_one_line(imported: Cli) -> None:
@@ -131,6 +145,7 @@ def test_refusals_are_one_line(imported: Cli) -> None:
         (("close", "--month", "2026-13"), "month must be 01 to 12"),
         (("close", "--month", "2026-10", "--account", "nobody"), "unknown account"),
         (("export", "--month", "2026-10"), "close the month first"),
+        (("export", "--month", "2030-01"), "from 2030-02-01T02:00:00+09:00 (its end in Asia"),
         (("statement", "--account", "acme", "--month", "2030-01"), "has not started yet"),
         (("usage", "--account", "acme", "--month", "October"), "YYYY-MM"),
     ]:

@@ -180,7 +180,7 @@ def test_statements_closed_before_0012_export_the_same_bytes_after_it(
         enqueue(conn, row["id"], receiver.url)
 
     upgraded = migrate(at_0011, service_password=SERVICE_PASSWORD)
-    assert upgraded.applied == ["0012_billing_policies"]
+    assert upgraded.applied[0] == "0012_billing_policies"
     url = as_service(at_0011)
     with connect(url) as conn:
         versions = conn.execute("SELECT format_version FROM statements").fetchall()

@@ -241,7 +241,7 @@ def generate(url: str, shape: Shape, mode: str) -> dict[str, Any]:
                 FROM generate_series(1, %(accounts)s) n
                 CROSS JOIN LATERAL (SELECT {tz} AS name) z
                 CROSS JOIN LATERAL (SELECT z.name,
-                    CASE z.name WHEN 'UTC' THEN 'GB' WHEN 'America/New_York' THEN 'US'
+                    CASE z.name WHEN 'UTC' THEN 'US' WHEN 'America/New_York' THEN 'US'
                          ELSE 'JP' END AS country) tz
                 ORDER BY n
                 """

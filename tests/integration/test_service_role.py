@@ -28,6 +28,8 @@ EVIDENCE = (
     "payment_methods",
     "account_status_changes",
 )
+# The maintained usage figures (migration 0014) are derived, not evidence: rebuilt at will.
+USAGE_FIGURES = {"usage_steps", "usage_buckets", "usage_classes"}
 #: Current state the service legitimately moves (devmeter/service_role.sql says who and why).
 UPDATABLE = {
     "accounts",
@@ -38,8 +40,8 @@ UPDATABLE = {
     "close_failures",
     "console_sessions",
     "idempotency_keys",
-}
-DELETABLE = {"close_failures", "console_sessions", "idempotency_keys"}
+} | USAGE_FIGURES
+DELETABLE = {"close_failures", "console_sessions", "idempotency_keys"} | USAGE_FIGURES
 
 
 @pytest.fixture

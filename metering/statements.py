@@ -170,11 +170,15 @@ class StatementSummary:
     plan: str
     currency: str
     subtotal: Decimal
+    tax_rate: Decimal
     tax: Decimal
     credits_applied: Decimal
     amount_due: Decimal
     due_date: date
     closed_at: datetime
+    #: Its adjustment lines (C2): how many, and what they add up to (tax excluded).
+    adjustment_lines: int
+    adjustments: Decimal
 
 
 def list_statements(conn: Conn, account_ref: str) -> list[StatementSummary]:
@@ -182,8 +186,13 @@ def list_statements(conn: Conn, account_ref: str) -> list[StatementSummary]:
     account = get_account(conn, account_ref)
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
-            "SELECT month, plan, currency, subtotal, tax, credits_applied, amount_due, due_date,"
-            " closed_at FROM statements WHERE account_id = %s ORDER BY month DESC",
+            "SELECT s.month, s.plan, s.currency, s.subtotal, s.tax_rate, s.tax,"
+            " s.credits_applied, s.amount_due, s.due_date, s.closed_at,"
+            " count(l.statement_id) AS adjustment_lines,"
+            " coalesce(sum(l.amount), 0) AS adjustments"
+            " FROM statements s LEFT JOIN statement_lines l"
+            " ON l.statement_id = s.id AND l.kind = 'adjustment'"
+            " WHERE s.account_id = %s GROUP BY s.id ORDER BY s.month DESC",
             (account.id,),
         ).fetchall()
     return [

@@ -30,8 +30,10 @@ from console.security import CsrfError, Secret, Session, SignInRequiredError
 from console.views import (
     Chart,
     display_money,
+    display_rate,
     local_time,
     month_days,
+    month_label,
     next_month,
     previous_month,
     short_day,
@@ -44,9 +46,9 @@ from ingest.rejections import REASON_HELP, REASONS, RejectionFilter, list_reject
 from metering.access import Principal, authenticate
 from metering.accounts import current_payment_method, set_payment_method
 from metering.catalog import Catalog, Plan
-from metering.daily import daily_usage, load_events
+from metering.daily import DayUsage, daily_usage, load_events
 from metering.peak import month_bounds
-from metering.pricing import class_amount, format_money, price_class
+from metering.pricing import format_money, round_money
 from metering.registry import (
     DEVICE_ID,
     GATEWAY_CLASS,
@@ -59,7 +61,13 @@ from metering.registry import (
     set_device_state,
 )
 from metering.sessions import find_session, open_session, revoke_session
-from metering.statements import current_month, get_statement, get_usage, list_statements
+from metering.statements import (
+    Usage,
+    current_month,
+    get_statement,
+    get_usage,
+    list_statements,
+)
 from metering.whatif import WhatIf, what_if
 
 log = logging.getLogger("devmeter.console")
@@ -180,6 +188,8 @@ def render(
         local=local_time,
         money=display_money,
         plain_money=format_money,
+        rate=display_rate,
+        month_label=month_label,
         short_day=short_day,
         **context,
     )
@@ -688,8 +698,11 @@ def deactivate(
 @dataclass(frozen=True, slots=True)
 class ClassUsageView:
     device_class: str
+    #: The quantity billed (final) or billed so far (preliminary).
     peak: int
-    peak_at: datetime
+    peak_at: datetime | None
+    #: A closed month recomputed from every event stored now, when that differs (C2).
+    corrected: int | None
     amount: Decimal | None
     lines: list[str]
     chart: Chart
@@ -715,6 +728,59 @@ def active_now(conn: Conn, account_id: int) -> dict[str, int]:
     return {r["device_class"]: int(r["active"]) for r in rows}
 
 
+def _priced_usage(
+    conn: Conn, catalog: Catalog, ref: str, month: str, now: datetime
+) -> tuple[Usage, str]:
+    """The month's usage priced like its statement, and why not if the plan that prices the
+    month cannot (it left the catalog, or lacks a class the account used): the quantities
+    still show."""
+    try:
+        return get_usage(conn, ref, month, now=now, catalog=catalog), ""
+    except InvalidError as exc:
+        if exc.field not in ("plan", "device_class"):
+            raise
+        return get_usage(conn, ref, month, now=now), exc.message
+
+
+def _class_views(
+    usage: Usage, days: list[DayUsage], start: datetime, end: datetime, tz: str
+) -> list[ClassUsageView]:
+    """Per class: the billed peak, its amount and tier lines from the month's own statement
+    (the plan in force when the month began, P6), and the corrected peak if late events
+    changed it."""
+    st = usage.statement
+    corrected = usage.corrected or {}
+    first_day, n_days = month_days(start, end, tz)
+    views = []
+    for cls in sorted(set(usage.classes) | set(corrected)):
+        billed = usage.classes.get(cls)
+        peak, peak_at = (billed.peak, billed.peak_at) if billed else (0, None)
+        late = corrected.get(cls)
+        fixed = late.peak if late else 0
+        usage_lines = [
+            x for x in (st.lines if st else ()) if x.kind == "usage" and x.device_class == cls
+        ]
+        amount = (
+            round_money(sum((x.amount for x in usage_lines), Decimal(0)), st.currency)
+            if st is not None
+            else None
+        )
+        views.append(
+            ClassUsageView(
+                cls,
+                peak,
+                peak_at,
+                fixed if usage.corrected is not None and fixed != peak else None,
+                amount,
+                [f"{x.description} = {display_money(x.amount, st.currency)}" for x in usage_lines]
+                if st is not None
+                else [],
+                usage_chart(cls, days, first_day, n_days, peak, peak_at, tz),
+            )
+        )
+    return views
+
+
 @router.get("/usage")
 def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> Response:
     principal = session.principal
@@ -723,10 +789,11 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
     now = datetime.now(UTC)
     current = current_month(principal.timezone, now)
     chosen = month.strip() or current
-    plan = _plan(_app_state(request).catalog, principal)
-    currency = plan.currency if plan else ""
+    catalog = _app_state(request).catalog
+    # The plan in force now: next month starts on it, so the what-if compares its tiers.
+    plan = _plan(catalog, principal)
     try:
-        usage = get_usage(conn, principal.account_ref, chosen, now=now)
+        usage, pricing_error = _priced_usage(conn, catalog, principal.account_ref, chosen, now)
         start, end = month_bounds(chosen, principal.timezone)
         days = daily_usage(
             load_events(conn, principal.account_id, start, end),
@@ -746,29 +813,13 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
             current=current,
             error=exc.message,
             usage=None,
+            statement=None,
             classes=[],
             whatifs=_whatifs(conn, principal, plan),
-            currency=currency,
+            currency=plan.currency if plan else "",
             previous_url="",
             next_url="",
         )
-    first_day, n_days = month_days(start, end, principal.timezone)
-    classes = []
-    for cls, peak in sorted(usage.classes.items()):
-        pricing = plan.classes.get(cls) if plan else None
-        amount = class_amount(cls, pricing, peak.peak, currency) if plan and pricing else None
-        lines = (
-            [
-                f"{x.description} = {display_money(x.amount, currency)}"
-                for x in price_class(cls, pricing, peak.peak, currency)
-            ]
-            if plan and pricing
-            else []
-        )
-        chart = usage_chart(
-            cls, days, first_day, n_days, peak.peak, peak.peak_at, principal.timezone
-        )
-        classes.append(ClassUsageView(cls, peak.peak, peak.peak_at, amount, lines, chart))
     return render(
         "usage.html",
         session,
@@ -777,11 +828,13 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
         month=chosen,
         current=current,
         error="",
+        pricing_error=pricing_error,
         usage=usage,
-        classes=classes,
+        statement=usage.statement,
+        classes=_class_views(usage, days, start, end, principal.timezone),
         days=days,
         whatifs=_whatifs(conn, principal, plan),
-        currency=currency,
+        currency=plan.currency if plan else "",
         previous_url="/console/usage?" + urlencode({"month": previous_month(chosen)}),
         next_url=(
             "/console/usage?" + urlencode({"month": next_month(chosen)}) if chosen < current else ""

@@ -43,17 +43,20 @@ from devmeter.config import Settings
 from devmeter.errors import DevmeterError, InvalidError
 from ingest.protocol import connection, mosquitto_pub_command
 from ingest.rejections import REASON_HELP, REASONS, RejectionFilter, list_rejections
-from metering.access import Principal, authenticate
+from metering.access import Principal, authenticate, list_members
 from metering.accounts import current_payment_method, set_payment_method
 from metering.catalog import Catalog, Plan
+from metering.credits import Balance, balance, money_of
 from metering.daily import DayUsage, daily_usage, load_events
 from metering.peak import month_bounds
+from metering.plans import PlanChange, change_plan, first_month_priced, history
 from metering.pricing import format_money, round_money
 from metering.registry import (
     DEVICE_ID,
     GATEWAY_CLASS,
     RegisteredDevice,
     device_events,
+    get_account,
     get_device,
     heartbeat_hours,
     register_device,
@@ -213,6 +216,7 @@ def forbidden(session: Session, what: str) -> HTMLResponse:
         "usage:read": "managers and the owner",
         "payment_method:read": "managers and the owner",
         "payment_method:write": "the owner",
+        "plan:write": "the owner",
     }[what]
     return error_page(
         session,
@@ -950,6 +954,47 @@ PAYMENT_KIND_NAMES: Final = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class PlanChangeView:
+    change: PlanChange
+    #: The first month the plan prices (P6), YYYY-MM.
+    bills_from: str
+    changed_by: str
+
+
+def _changed_by(raw: str, names: dict[int, str]) -> str:
+    """ "console:7" or "member:7" as the member's name and where they changed it."""
+    where, _, member = raw.partition(":")
+    if where in ("console", "member") and member.isdigit() and int(member) in names:
+        return f"{names[int(member)]} ({'console' if where == 'console' else 'API'})"
+    return raw
+
+
+def _plan_history(conn: Conn, principal: Principal) -> list[PlanChangeView]:
+    """The account's plans, newest first."""
+    names = {m.id: m.name for m, _ in list_members(conn, principal.account_id)}
+    views = []
+    for i, change in enumerate(history(conn, principal.account_id)):
+        # The sign-up plan also prices the sign-up month, which began before it (metering.plans).
+        bills_from = (
+            current_month(principal.timezone, change.effective_at)
+            if i == 0
+            else first_month_priced(change.effective_at, principal.timezone)
+        )
+        views.append(PlanChangeView(change, bills_from, _changed_by(change.changed_by, names)))
+    return views[::-1]
+
+
+def _credit_balance(conn: Conn, principal: Principal, plan: Plan | None) -> Balance | None:
+    """The points and their ledger; None when the plan, hence the currency, is unknown."""
+    if plan is None:
+        return None
+    # A transaction: reading the balance first writes the expiries that are due (P4).
+    with conn.transaction():
+        account = get_account(conn, principal.account_ref)
+        return balance(conn, account, plan.currency, now=datetime.now(UTC))
+
+
 def _account_page(
     request: Request,
     conn: Conn,
@@ -958,11 +1003,18 @@ def _account_page(
     values: dict[str, str] | None = None,
     error: str = "",
     error_field: str = "",
+    plan_error: str = "",
     notice: str = "",
     status: int = 200,
 ) -> Response:
     principal = session.principal
-    plan = _plan(_app_state(request).catalog, principal)
+    catalog = _app_state(request).catalog
+    plan = _plan(catalog, principal)
+    credit = _credit_balance(conn, principal, plan)
+    # Only plans in the account's currency: a change to another is refused (metering.plans).
+    choices = sorted(
+        name for name, p in catalog.plans.items() if plan is None or p.currency == plan.currency
+    )
     return render(
         "account.html",
         session,
@@ -972,20 +1024,83 @@ def _account_page(
         method=current_payment_method(conn, principal.account_id),
         payment_required=bool(plan and plan.payment_method_required),
         may_set_payment=principal.may("payment_method:write"),
+        may_set_plan=principal.may("plan:write"),
         kind_names=PAYMENT_KIND_NAMES,
+        plan_history=_plan_history(conn, principal),
+        plan_choices=choices,
+        credit=credit,
+        grants={g.id: g for g in credit.grants} if credit else {},
+        points_money=money_of,
         values=values or {},
         error=error,
         error_field=error_field,
+        plan_error=plan_error,
         notice=notice,
     )
 
 
 @router.get("/account")
-def account_page(request: Request, conn: DB, session: Signed, saved: str = "") -> Response:
-    if not session.principal.may("payment_method:read"):
+def account_page(
+    request: Request,
+    conn: DB,
+    session: Signed,
+    saved: str = "",
+    plan_changed: str = "",
+    plan_unchanged: str = "",
+) -> Response:
+    principal = session.principal
+    if not principal.may("payment_method:read"):
         return forbidden(session, "payment_method:read")
-    notice = "The payment method is on file." if saved else ""
+    notice = ""
+    if saved:
+        notice = "The payment method is on file."
+    elif plan_changed:
+        # Said from the history, not from the query string, so a link cannot make it up.
+        latest = _plan_history(conn, principal)[0]
+        notice = (
+            f"The plan is now {latest.change.plan}, in force at once for the service. "
+            f"Usage is billed at it from {latest.bills_from}; earlier months keep the plan "
+            "they began with."
+        )
+    elif plan_unchanged:
+        notice = f"The account is already on plan {principal.plan}: nothing changed."
     return _account_page(request, conn, session, notice=notice)
+
+
+@router.post("/account/plan")
+def plan_form(
+    request: Request,
+    conn: DB,
+    session: Checked,
+    plan: Annotated[str, Form()] = "",
+) -> Response:
+    principal = session.principal
+    if not principal.may("plan:write"):
+        return forbidden(session, "plan:write")
+    now = datetime.now(UTC)
+    try:
+        if not plan:
+            raise InvalidError("choose a plan", field="plan")
+        with conn.transaction():
+            result = change_plan(
+                conn,
+                _app_state(request).catalog,
+                get_account(conn, principal.account_ref),
+                plan,
+                at=now,
+                now=now,
+                changed_by=f"console:{principal.member_id}",
+            )
+    except DevmeterError as exc:
+        return _account_page(
+            request,
+            conn,
+            session,
+            values={"plan": plan},
+            plan_error=exc.message,
+            status=exc.status_code if exc.status_code < 500 else 500,
+        )
+    return redirect(f"/console/account?{'plan_changed' if result.changed else 'plan_unchanged'}=1")
 
 
 @router.post("/account/payment-method")

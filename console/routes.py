@@ -963,7 +963,8 @@ class PlanChangeView:
 
 
 def _changed_by(raw: str, names: dict[int, str]) -> str:
-    """ "console:7" or "member:7" as the member's name and where they changed it."""
+    """Who changed a plan, for people: "console:7" and "member:7" (the API) become member 7's
+    name and where; "sign-up" and "operator" stay as they are."""
     where, _, member = raw.partition(":")
     if where in ("console", "member") and member.isdigit() and int(member) in names:
         return f"{names[int(member)]} ({'console' if where == 'console' else 'API'})"

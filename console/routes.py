@@ -1,5 +1,5 @@
 """The console's pages under /console: sign-in, devices, usage with its tier what-if, statements,
-the account with its payment method.
+the account with its payment method, credit points and plan history (and the owner's forms).
 
 Pages call the same metering functions as the REST API (api/routes), never the API over
 HTTP. Every parameter arrives as a plain string and is checked here, so a bad query or form

@@ -1,5 +1,5 @@
 """The console's pages under /console: sign-in, devices, usage with its tier what-if, statements,
-the account with its payment method.
+the account with its payment method, credit points and plan history (and the owner's forms).
 
 Pages call the same metering functions as the REST API (api/routes), never the API over
 HTTP. Every parameter arrives as a plain string and is checked here, so a bad query or form
@@ -30,8 +30,10 @@ from console.security import CsrfError, Secret, Session, SignInRequiredError
 from console.views import (
     Chart,
     display_money,
+    display_rate,
     local_time,
     month_days,
+    month_label,
     next_month,
     previous_month,
     short_day,
@@ -41,17 +43,20 @@ from devmeter.config import Settings
 from devmeter.errors import DevmeterError, InvalidError
 from ingest.protocol import connection, mosquitto_pub_command
 from ingest.rejections import REASON_HELP, REASONS, RejectionFilter, list_rejections
-from metering.access import Principal, authenticate
+from metering.access import Principal, authenticate, list_members
 from metering.accounts import current_payment_method, set_payment_method
 from metering.catalog import Catalog, Plan
-from metering.daily import daily_usage, load_events
+from metering.credits import Balance, balance, money_of
+from metering.daily import DayUsage, daily_usage, load_events
 from metering.peak import month_bounds
-from metering.pricing import class_amount, format_money, price_class
+from metering.plans import PlanChange, change_plan, first_month_priced, history
+from metering.pricing import format_money, round_money
 from metering.registry import (
     DEVICE_ID,
     GATEWAY_CLASS,
     RegisteredDevice,
     device_events,
+    get_account,
     get_device,
     heartbeat_hours,
     register_device,
@@ -59,7 +64,13 @@ from metering.registry import (
     set_device_state,
 )
 from metering.sessions import find_session, open_session, revoke_session
-from metering.statements import current_month, get_statement, get_usage, list_statements
+from metering.statements import (
+    Usage,
+    current_month,
+    get_statement,
+    get_usage,
+    list_statements,
+)
 from metering.whatif import WhatIf, what_if
 
 log = logging.getLogger("devmeter.console")
@@ -180,6 +191,8 @@ def render(
         local=local_time,
         money=display_money,
         plain_money=format_money,
+        rate=display_rate,
+        month_label=month_label,
         short_day=short_day,
         **context,
     )
@@ -203,6 +216,7 @@ def forbidden(session: Session, what: str) -> HTMLResponse:
         "usage:read": "managers and the owner",
         "payment_method:read": "managers and the owner",
         "payment_method:write": "the owner",
+        "plan:write": "the owner",
     }[what]
     return error_page(
         session,
@@ -688,8 +702,11 @@ def deactivate(
 @dataclass(frozen=True, slots=True)
 class ClassUsageView:
     device_class: str
+    #: The quantity billed (final) or billed so far (preliminary).
     peak: int
-    peak_at: datetime
+    peak_at: datetime | None
+    #: A closed month recomputed from every event stored now, when that differs (C2).
+    corrected: int | None
     amount: Decimal | None
     lines: list[str]
     chart: Chart
@@ -715,6 +732,59 @@ def active_now(conn: Conn, account_id: int) -> dict[str, int]:
     return {r["device_class"]: int(r["active"]) for r in rows}
 
 
+def _priced_usage(
+    conn: Conn, catalog: Catalog, ref: str, month: str, now: datetime
+) -> tuple[Usage, str]:
+    """The month's usage priced like its statement, and why not if the plan that prices the
+    month cannot (it left the catalog, or lacks a class the account used): the quantities
+    still show."""
+    try:
+        return get_usage(conn, catalog, ref, month, now=now), ""
+    except InvalidError as exc:
+        if exc.field not in ("plan", "device_class"):
+            raise
+        return get_usage(conn, catalog, ref, month, now=now, priced=False), exc.message
+
+
+def _class_views(
+    usage: Usage, days: list[DayUsage], start: datetime, end: datetime, tz: str
+) -> list[ClassUsageView]:
+    """Per class: the billed peak, its amount and tier lines from the month's own statement
+    (the plan in force when the month began, P6), and the corrected peak if late events
+    changed it."""
+    st = usage.statement
+    corrected = usage.corrected or {}
+    first_day, n_days = month_days(start, end, tz)
+    views = []
+    for cls in sorted(set(usage.classes) | set(corrected)):
+        billed = usage.classes.get(cls)
+        peak, peak_at = (billed.peak, billed.peak_at) if billed else (0, None)
+        late = corrected.get(cls)
+        fixed = late.peak if late else 0
+        usage_lines = [
+            x for x in (st.lines if st else ()) if x.kind == "usage" and x.device_class == cls
+        ]
+        amount = (
+            round_money(sum((x.amount for x in usage_lines), Decimal(0)), st.currency)
+            if st is not None
+            else None
+        )
+        views.append(
+            ClassUsageView(
+                cls,
+                peak,
+                peak_at,
+                fixed if usage.corrected is not None and fixed != peak else None,
+                amount,
+                [f"{x.description} = {display_money(x.amount, st.currency)}" for x in usage_lines]
+                if st is not None
+                else [],
+                usage_chart(cls, days, first_day, n_days, peak, peak_at, tz),
+            )
+        )
+    return views
+
+
 @router.get("/usage")
 def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> Response:
     principal = session.principal
@@ -723,10 +793,11 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
     now = datetime.now(UTC)
     current = current_month(principal.timezone, now)
     chosen = month.strip() or current
-    plan = _plan(_app_state(request).catalog, principal)
-    currency = plan.currency if plan else ""
+    catalog = _app_state(request).catalog
+    # The plan in force now: next month starts on it, so the what-if compares its tiers.
+    plan = _plan(catalog, principal)
     try:
-        usage = get_usage(conn, _app_state(request).catalog, principal.account_ref, chosen, now=now)
+        usage, pricing_error = _priced_usage(conn, catalog, principal.account_ref, chosen, now)
         start, end = month_bounds(chosen, principal.timezone)
         days = daily_usage(
             load_events(conn, principal.account_id, start, end),
@@ -746,29 +817,13 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
             current=current,
             error=exc.message,
             usage=None,
+            statement=None,
             classes=[],
             whatifs=_whatifs(conn, principal, plan),
-            currency=currency,
+            currency=plan.currency if plan else "",
             previous_url="",
             next_url="",
         )
-    first_day, n_days = month_days(start, end, principal.timezone)
-    classes = []
-    for cls, peak in sorted(usage.classes.items()):
-        pricing = plan.classes.get(cls) if plan else None
-        amount = class_amount(cls, pricing, peak.peak, currency) if plan and pricing else None
-        lines = (
-            [
-                f"{x.description} = {display_money(x.amount, currency)}"
-                for x in price_class(cls, pricing, peak.peak, currency)
-            ]
-            if plan and pricing
-            else []
-        )
-        chart = usage_chart(
-            cls, days, first_day, n_days, peak.peak, peak.peak_at, principal.timezone
-        )
-        classes.append(ClassUsageView(cls, peak.peak, peak.peak_at, amount, lines, chart))
     return render(
         "usage.html",
         session,
@@ -777,11 +832,13 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
         month=chosen,
         current=current,
         error="",
+        pricing_error=pricing_error,
         usage=usage,
-        classes=classes,
+        statement=usage.statement,
+        classes=_class_views(usage, days, start, end, principal.timezone),
         days=days,
         whatifs=_whatifs(conn, principal, plan),
-        currency=currency,
+        currency=plan.currency if plan else "",
         previous_url="/console/usage?" + urlencode({"month": previous_month(chosen)}),
         next_url=(
             "/console/usage?" + urlencode({"month": next_month(chosen)}) if chosen < current else ""
@@ -897,6 +954,48 @@ PAYMENT_KIND_NAMES: Final = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class PlanChangeView:
+    change: PlanChange
+    #: The first month the plan prices (P6), YYYY-MM.
+    bills_from: str
+    changed_by: str
+
+
+def _changed_by(raw: str, names: dict[int, str]) -> str:
+    """Who changed a plan, for people: "console:7" and "member:7" (the API) become member 7's
+    name and where; "sign-up" and "operator" stay as they are."""
+    where, _, member = raw.partition(":")
+    if where in ("console", "member") and member.isdigit() and int(member) in names:
+        return f"{names[int(member)]} ({'console' if where == 'console' else 'API'})"
+    return raw
+
+
+def _plan_history(conn: Conn, principal: Principal) -> list[PlanChangeView]:
+    """The account's plans, newest first."""
+    names = {m.id: m.name for m, _ in list_members(conn, principal.account_id)}
+    views = []
+    for i, change in enumerate(history(conn, principal.account_id)):
+        # The sign-up plan also prices the sign-up month, which began before it (metering.plans).
+        bills_from = (
+            current_month(principal.timezone, change.effective_at)
+            if i == 0
+            else first_month_priced(change.effective_at, principal.timezone)
+        )
+        views.append(PlanChangeView(change, bills_from, _changed_by(change.changed_by, names)))
+    return views[::-1]
+
+
+def _credit_balance(conn: Conn, principal: Principal, plan: Plan | None) -> Balance | None:
+    """The points and their ledger; None when the plan, hence the currency, is unknown."""
+    if plan is None:
+        return None
+    # A transaction: reading the balance first writes the expiries that are due (P4).
+    with conn.transaction():
+        account = get_account(conn, principal.account_ref)
+        return balance(conn, account, plan.currency, now=datetime.now(UTC))
+
+
 def _account_page(
     request: Request,
     conn: Conn,
@@ -905,11 +1004,18 @@ def _account_page(
     values: dict[str, str] | None = None,
     error: str = "",
     error_field: str = "",
+    plan_error: str = "",
     notice: str = "",
     status: int = 200,
 ) -> Response:
     principal = session.principal
-    plan = _plan(_app_state(request).catalog, principal)
+    catalog = _app_state(request).catalog
+    plan = _plan(catalog, principal)
+    credit = _credit_balance(conn, principal, plan)
+    # Only plans in the account's currency: a change to another is refused (metering.plans).
+    choices = sorted(
+        name for name, p in catalog.plans.items() if plan is None or p.currency == plan.currency
+    )
     return render(
         "account.html",
         session,
@@ -919,20 +1025,83 @@ def _account_page(
         method=current_payment_method(conn, principal.account_id),
         payment_required=bool(plan and plan.payment_method_required),
         may_set_payment=principal.may("payment_method:write"),
+        may_set_plan=principal.may("plan:write"),
         kind_names=PAYMENT_KIND_NAMES,
+        plan_history=_plan_history(conn, principal),
+        plan_choices=choices,
+        credit=credit,
+        grants={g.id: g for g in credit.grants} if credit else {},
+        points_money=money_of,
         values=values or {},
         error=error,
         error_field=error_field,
+        plan_error=plan_error,
         notice=notice,
     )
 
 
 @router.get("/account")
-def account_page(request: Request, conn: DB, session: Signed, saved: str = "") -> Response:
-    if not session.principal.may("payment_method:read"):
+def account_page(
+    request: Request,
+    conn: DB,
+    session: Signed,
+    saved: str = "",
+    plan_changed: str = "",
+    plan_unchanged: str = "",
+) -> Response:
+    principal = session.principal
+    if not principal.may("payment_method:read"):
         return forbidden(session, "payment_method:read")
-    notice = "The payment method is on file." if saved else ""
+    notice = ""
+    if saved:
+        notice = "The payment method is on file."
+    elif plan_changed:
+        # Said from the history, not from the query string, so a link cannot make it up.
+        latest = _plan_history(conn, principal)[0]
+        notice = (
+            f"The plan is now {latest.change.plan}, in force at once for the service. "
+            f"Usage is billed at it from {latest.bills_from}; earlier months keep the plan "
+            "they began with."
+        )
+    elif plan_unchanged:
+        notice = f"The account is already on plan {principal.plan}: nothing changed."
     return _account_page(request, conn, session, notice=notice)
+
+
+@router.post("/account/plan")
+def plan_form(
+    request: Request,
+    conn: DB,
+    session: Checked,
+    plan: Annotated[str, Form()] = "",
+) -> Response:
+    principal = session.principal
+    if not principal.may("plan:write"):
+        return forbidden(session, "plan:write")
+    now = datetime.now(UTC)
+    try:
+        if not plan:
+            raise InvalidError("choose a plan", field="plan")
+        with conn.transaction():
+            result = change_plan(
+                conn,
+                _app_state(request).catalog,
+                get_account(conn, principal.account_ref),
+                plan,
+                at=now,
+                now=now,
+                changed_by=f"console:{principal.member_id}",
+            )
+    except DevmeterError as exc:
+        return _account_page(
+            request,
+            conn,
+            session,
+            values={"plan": plan},
+            plan_error=exc.message,
+            status=exc.status_code if exc.status_code < 500 else 500,
+        )
+    return redirect(f"/console/account?{'plan_changed' if result.changed else 'plan_unchanged'}=1")
 
 
 @router.post("/account/payment-method")

@@ -29,6 +29,21 @@ def display_money(amount: Decimal, currency: str) -> str:
     return f"{sign}{symbol}{grouped}" if symbol else f"{sign}{grouped} {currency}"
 
 
+def display_rate(rate: Decimal) -> str:
+    """A tax rate for people: Decimal("0.10") is "10 %", Decimal("0.075") is "7.5 %".
+
+    The space before % is a no-break one, so a narrow column never splits "10" from "%".
+    """
+    percent = (rate * 100).normalize()
+    # normalize() writes 10 as 1E+1: format in fixed point.
+    return f"{percent:f}\u00a0%"
+
+
+def month_label(first: date) -> str:
+    """The month a date falls in, spelled out: "October 2026"."""
+    return f"{first:%B %Y}"
+
+
 def local_time(at: datetime | None, tz: str) -> str:
     if at is None:
         return "—"

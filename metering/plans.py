@@ -129,7 +129,7 @@ def change_plan(
             "a plan change cannot change the account's currency",
             field="plan",
         )
-    first_month = _first_month_priced(at, account.timezone)
+    first_month = first_month_priced(at, account.timezone)
     if plan == current:
         return PlanChangeResult(account.ref, plan, current, at, first_month, changed=False)
     with conn.cursor(row_factory=dict_row) as cur:
@@ -164,7 +164,7 @@ def change_plan(
     return PlanChangeResult(account.ref, plan, current, at, first_month, changed=True)
 
 
-def _first_month_priced(at: datetime, tz: str) -> str:
+def first_month_priced(at: datetime, tz: str) -> str:
     """The month from which a change at ``at`` prices: its own if at its first instant."""
     from zoneinfo import ZoneInfo
 

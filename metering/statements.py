@@ -111,10 +111,17 @@ def closable_at(account: Account, month: str, grace: timedelta = DEFAULT_GRACE) 
 
 
 def get_usage(
-    conn: Conn, catalog: Catalog, account_ref: str, month: str, *, now: datetime
+    conn: Conn,
+    catalog: Catalog,
+    account_ref: str,
+    month: str,
+    *,
+    now: datetime,
+    priced: bool = True,
 ) -> Usage:
     """The month's usage, priced (``Usage.statement``): final as closed, else preliminary,
-    counted and priced at the plan in force at the month's first instant (P6, M6)."""
+    counted and priced at the plan in force at the month's first instant (P6, M6). With
+    ``priced=False`` an open month is only counted (its plan may be unable to price it)."""
     account = get_account(conn, account_ref)
     start, end = month_bounds(month, account.timezone)
     stored = _stored_statement_row(conn, account.id, month)
@@ -136,18 +143,20 @@ def get_usage(
     plan = plans_at(conn, [account], start)[account.id]
     distinct = _distinct(catalog, plan)
     classes = peaks(conn, account.id, start, end, distinct=distinct)
-    late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
-    priced = _price(
-        catalog,
-        account,
-        month,
-        start,
-        end,
-        classes,
-        status="preliminary",
-        plan=plan,
-        adjustments=late,
-    )
+    statement = None
+    if priced:
+        late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
+        statement = _price(
+            catalog,
+            account,
+            month,
+            start,
+            end,
+            classes,
+            status="preliminary",
+            plan=plan,
+            adjustments=late,
+        )
     return Usage(
         account.ref,
         month,
@@ -156,7 +165,7 @@ def get_usage(
         end,
         classes,
         plan=plan,
-        statement=priced,
+        statement=statement,
         distinct=distinct,
     )
 
@@ -181,11 +190,15 @@ class StatementSummary:
     plan: str
     currency: str
     subtotal: Decimal
+    tax_rate: Decimal
     tax: Decimal
     credits_applied: Decimal
     amount_due: Decimal
     due_date: date
     closed_at: datetime
+    #: Its adjustment lines (C2): how many, and what they add up to (tax excluded).
+    adjustment_lines: int
+    adjustments: Decimal
 
 
 def list_statements(conn: Conn, account_ref: str) -> list[StatementSummary]:
@@ -193,8 +206,13 @@ def list_statements(conn: Conn, account_ref: str) -> list[StatementSummary]:
     account = get_account(conn, account_ref)
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
-            "SELECT month, plan, currency, subtotal, tax, credits_applied, amount_due, due_date,"
-            " closed_at FROM statements WHERE account_id = %s ORDER BY month DESC",
+            "SELECT s.month, s.plan, s.currency, s.subtotal, s.tax_rate, s.tax,"
+            " s.credits_applied, s.amount_due, s.due_date, s.closed_at,"
+            " count(l.statement_id) AS adjustment_lines,"
+            " coalesce(sum(l.amount), 0) AS adjustments"
+            " FROM statements s LEFT JOIN statement_lines l"
+            " ON l.statement_id = s.id AND l.kind = 'adjustment'"
+            " WHERE s.account_id = %s GROUP BY s.id ORDER BY s.month DESC",
             (account.id,),
         ).fetchall()
     return [

@@ -7,21 +7,27 @@ peaks at 12 lte-m devices); then against `devmeter up` on nothing but Python whi
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import CDPSession, Page, expect
 
 from devmeter.db import connect
+from ingest.processor import Reason
 from metering.statements import current_month
 from tests.conftest import Cli
 from tests.e2e.conftest import TIMEOUT_MS, Tab, Up, until
 from tests.integration.test_api import _owner_key
 from tests.integration.test_close import worked_example
+from tests.integration.test_console import billed_with_credits_and_adjustment
+from tests.integration.test_rejections import reject
 
 XSS = "<script>alert(1)</script>"
 
@@ -133,6 +139,115 @@ def test_owner_signs_in_registers_and_deactivates_a_device(
     expect(page).to_have_url(f"{console_url}/console/sign-in?next=%2Fconsole%2Fdevices")
     tab.shot("signed-out")
 
+    tab.assert_clean()
+
+
+#: An iPhone 12 to 15's CSS width: the narrowest phone the console is checked at.
+PHONE_WIDTH = 390
+PHONE_HEIGHT = 844
+
+
+def phone(page: Page) -> CDPSession:
+    """Make the page a 390 px wide phone (touch, mobile viewport meta honoured) over CDP."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": PHONE_WIDTH, "height": PHONE_HEIGHT, "deviceScaleFactor": 2, "mobile": True},
+    )
+    cdp.send("Emulation.setTouchEmulationEnabled", {"enabled": True})
+    return cdp
+
+
+def full_page_png(cdp: CDPSession, path: Path) -> Path:
+    """The whole page, not only the first screen, as the phone shows it."""
+    metrics: dict[str, Any] = cdp.send("Page.getLayoutMetrics")
+    height = metrics["cssContentSize"]["height"]
+    shot = cdp.send(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": PHONE_WIDTH, "height": height, "scale": 1},
+        },
+    )
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+#: Every form control, button and table-less block whose right edge is past the screen's: a
+#: table may be wider, inside its own scrolling box (.table-scroll), but nothing else.
+_OFF_SCREEN = """() => {
+  const width = document.documentElement.clientWidth;
+  return [...document.querySelectorAll("body *")]
+    .filter((e) => !e.closest(".table-scroll") && e.getClientRects().length > 0)
+    .filter((e) => getComputedStyle(e).position !== "absolute")
+    .filter((e) => e.getBoundingClientRect().right > width + 0.5)
+    .map((e) => `${e.tagName.toLowerCase()}${e.id ? "#" + e.id : ""}.${e.className}`);
+}"""
+
+
+def test_every_console_page_fits_a_phone(
+    tab: Tab, console_url: str, database_url: str, tmp_path: Path
+) -> None:
+    billed_with_credits_and_adjustment(database_url)
+    # Rejections with a long unbroken payload: the widest thing a page may have to show.
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    reject(
+        database_url,
+        ("acme", "acme-d6", Reason.SCHEMA, b'{"state":"' + b"x" * 300 + b'"}', at),
+        ("acme", "acme-d7", Reason.MALFORMED_JSON, b"\xff\xfe", at),
+    )
+    key = _owner_key(database_url, "acme")
+    page = tab.page
+    cdp = phone(page)
+    base = f"{console_url}/console"
+    shots: list[Path] = []
+
+    def check(name: str, heading: str) -> None:
+        expect(page.locator("h1")).to_have_text(heading)
+        assert page.evaluate(_OFF_SCREEN) == [], name
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE_WIDTH, f"{name}: the page scrolls sideways ({width} px wide)"
+        path = full_page_png(cdp, tmp_path / f"{len(shots) + 1:02d}-{name}-390px.png")
+        shots.append(path)
+        tab.properties.append(("screenshot", str(path)))
+
+    page.goto(f"{base}/devices")
+    check("sign-in", "Sign in")
+    sign_in(page, key)
+    check("devices", "Devices")
+    # The navigation wraps: every link is on screen, none hidden under another.
+    for section in ("devices", "usage", "rejections", "statements", "account"):
+        link = page.locator(f"#nav-{section}")
+        expect(link).to_be_in_viewport()
+    page.goto(f"{base}/devices/acme-d6")
+    check("device", "acme-d6")
+    page.goto(f"{base}/new-device")
+    check("new-device", "Register a device")
+    page.get_by_label("Device ID").fill(f"e2e-{uuid.uuid4().hex[:8]}")
+    page.get_by_label("Name").fill("Pump at the far end of the north field, by the gate")
+    page.get_by_role("button", name="Register device").click()
+    check("device-created", "Device registered")
+    page.goto(f"{base}/usage?month=2026-10")
+    expect(page.get_by_test_id("corrected-peak")).to_have_text("13")
+    check("usage-2026-10", "Usage")
+    page.goto(f"{base}/statements")
+    check("statements", "Statements")
+    page.goto(f"{base}/statements/2026-11")
+    expect(page.get_by_test_id("adjustment-line")).to_contain_text("peak billed 12 → corrected 13")
+    expect(page.locator("#amount-due")).to_have_text("¥1,675")
+    check("statement-2026-11", "Statement 2026-11")
+    page.goto(f"{base}/rejections")
+    check("rejections", "Rejected heartbeats")
+    page.goto(f"{base}/account")
+    expect(page.locator("#credit-balance")).to_contain_text("700 points")
+    expect(page.locator("#plan-form")).to_be_visible()
+    check("account", "Account")
+
+    assert len(shots) == 10
+    for path in shots:
+        assert path.read_bytes().startswith(b"\x89PNG"), path
+    print("phone screenshots:", *shots, sep="\n")  # noqa: T201 - where to look
     tab.assert_clean()
 
 

@@ -10,7 +10,7 @@ import hashlib
 import html
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from typing import Any
 
@@ -891,6 +891,297 @@ def test_statements_are_for_managers_and_the_owner(client: TestClient, database_
         preliminary = assert_page(c.get("/console/statements/2026-11"))
         assert 'data-testid="preliminary-badge"' in preliminary
         assert_page(c.get("/console/statements/2099-01"), 422)
+
+
+# --- what the customer owes: tax, credit points, adjustments, plans (issue 10) ---------------
+
+NBSP = "\u00a0"
+#: Credit points applied are shown as a deduction.
+MINUS = "\u2212"
+
+
+def billed_with_credits_and_adjustment(database_url: str) -> dict[str, int]:
+    """The worked example with October and November closed, credit points and a late device.
+
+    Points: 1,000 (expiring 2027-03-31) pay October (due 2,850); 200 expired in September
+    without paying anything; 3,000 (expiring 2026-11-30) pay November; 700 that never expire,
+    granted after November closed, are the balance. late-1, stored after October closed but
+    registered on 6 October, raises October's peak 12 → 13: +¥250 on November's statement.
+    November: peak 14 (d6-d18 and late-1) = ¥4,000, + ¥250 = ¥4,250, tax ¥425, total ¥4,675,
+    points -¥3,000, due ¥1,675. Returns the owner's member id.
+    """
+    from datetime import UTC, date
+
+    from metering import credits
+    from metering.registry import get_account, register_device
+    from metering.statements import close_month
+    from tests.integration.test_close import CATALOG, jst
+
+    worked_example(database_url)
+    november_closed = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)  # 12:00 on 1 December in Tokyo
+    after = datetime(2026, 12, 1, 4, 0, tzinfo=UTC)
+
+    def grant(points: int, expires: date | None, at: datetime, reason: str) -> None:
+        with connect(database_url) as conn, conn.transaction():
+            credits.grant(
+                conn,
+                get_account(conn, "acme"),
+                points=points,
+                reason=reason,
+                expires_on=expires,
+                at=at,
+                now=after,
+            )
+
+    def opener() -> Any:
+        return connect(database_url)
+
+    grant(1000, date(2027, 3, 31), jst(2026, 10, 1), "welcome")
+    grant(200, date(2026, 9, 15), jst(2026, 9, 1, 12), "trial")
+    close_month(opener, CATALOG, "2026-10", now=datetime(2026, 11, 20, tzinfo=UTC))
+    with connect(database_url) as conn, conn.transaction():
+        register_device(
+            conn, CATALOG, account_ref="acme", device_class="lte-m", device_id="late-1",
+            at=jst(2026, 10, 6),
+        )  # fmt: skip
+    grant(3000, date(2026, 11, 30), jst(2026, 11, 20), "goodwill")
+    close_month(opener, CATALOG, "2026-11", now=november_closed)
+    grant(700, None, after, f"apology {XSS}")
+    with connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT m.id FROM members m JOIN accounts a ON a.id = m.account_id"
+            " WHERE a.ref = 'acme' AND m.role = 'owner'"
+        ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+def element(page: str, pattern: str, tag: str = "tr") -> str:
+    """The first ``<tag …>…</tag>`` whose opening tag matches ``pattern``."""
+    match = re.search(f"<{tag}[^>]*{pattern}[^>]*>.*?</{tag}>", page, re.S)
+    assert match, pattern
+    return match.group(0)
+
+
+def test_statements_show_tax_credits_adjustments_and_the_amount_due(
+    client: TestClient, database_url: str
+) -> None:
+    from tests.integration.test_api import _owner_key
+
+    billed_with_credits_and_adjustment(database_url)
+    sign_in(client, _owner_key(database_url, "acme"))
+
+    listing = assert_page(client.get("/console/statements"))
+    october = element(listing, 'data-month="2026-10"')
+    assert f'¥350 <span class="hint">at 10{NBSP}%</span>' in october
+    assert f'<span class="nowrap">{MINUS}¥1,000</span>' in october
+    assert 'data-amount="2850"' in october
+    assert 'data-testid="adjustments" data-lines="0">—' in october
+    november = element(listing, 'data-month="2026-11"')
+    assert '<span class="hint">(1 line)</span>' in november
+    assert "¥250" in november
+    assert f'¥425 <span class="hint">at 10{NBSP}%</span>' in november
+    assert f'<span class="nowrap">{MINUS}¥3,000</span>' in november
+    assert 'data-amount="1675"' in november
+
+    page = assert_page(client.get("/console/statements/2026-11"))
+    line = element(page, 'data-testid="adjustment-line"')
+    assert 'data-corrects="2026-10" data-class="lte-m"' in line
+    assert 'data-billed="12" data-corrected="13" data-amount="250"' in line
+    assert "Adjustment for October 2026, lte-m: peak billed 12 → corrected 13" in line
+    assert '<td class="num">12 → 13</td>' in line
+    assert "¥250" in line
+    assert f"taxed at 10{NBSP}%" in line
+    assert "lte-m 1\u201310 \u00d7 300" in page, "the month's own lines are still there"
+    for cell, amount in (
+        ("subtotal", "4250"),
+        ("tax", "425"),
+        ("total", "4675"),
+        ("credits-applied", "3000"),
+        ("amount-due", "1675"),
+    ):
+        assert f'id="{cell}" data-amount="{amount}"' in page, cell
+    assert f'id="tax-rate" data-rate="0.10">10{NBSP}%' in page
+    assert f"{MINUS}¥3,000" in page, "points are a deduction"
+    assert "Amount due by 2026-12-31" in page
+    # October had no adjustment: no adjustments section at all.
+    assert 'id="adjustments"' not in assert_page(client.get("/console/statements/2026-10"))
+    # The open month says its points are only taken at close.
+    december = assert_page(client.get("/console/statements/2026-12"))
+    assert "taken from the balance when the month closes" in december
+    assert 'id="credits-applied" data-amount="0"' in december
+
+
+def test_usage_shows_the_plan_totals_and_corrected_quantities(
+    client: TestClient, database_url: str
+) -> None:
+    from tests.integration.test_api import _owner_key
+
+    billed_with_credits_and_adjustment(database_url)
+    csrf = sign_in(client, _owner_key(database_url, "acme"))
+
+    october = assert_page(client.get("/console/usage", params={"month": "2026-10"}))
+    assert 'id="usage-plan">Priced at plan <strong data-plan="standard">' in october
+    row = element(october, 'data-testid="usage-row" data-class="lte-m"')
+    assert '<td class="num" data-testid="peak">12</td>' in row, "what was billed"
+    assert '<td class="num" data-testid="corrected-peak">13</td>' in row, "what is true now"
+    assert ">Billed peak<" in october
+    assert 'id="corrected-note"' in october
+    assert 'data-amount="3500"' in row
+    for cell, amount in (
+        ("subtotal", "3500"),
+        ("tax", "350"),
+        ("total", "3850"),
+        ("credits-applied", "1000"),
+        ("amount-due", "2850"),
+    ):
+        assert f'id="{cell}" data-amount="{amount}"' in october, cell
+
+    november = assert_page(client.get("/console/usage", params={"month": "2026-11"}))
+    assert 'data-testid="corrected-peak"' not in november, "nothing late for November"
+    assert 'id="corrected-note"' not in november
+    line = element(november, 'data-testid="adjustment-line"')
+    assert "Adjustment for October 2026, lte-m: peak billed 12 → corrected 13" in line
+    assert 'id="subtotal" data-amount="4250"' in november
+    assert 'id="total" data-amount="4675"' in november
+    assert 'id="amount-due" data-amount="1675"' in november
+
+    # P6: after a plan change, the open month is still priced at the plan it began with.
+    r = client.post("/console/account/plan", data={"csrf_token": csrf, "plan": "standard-volume"})
+    assert r.status_code == 303, r.text
+    current = assert_page(client.get("/console/usage"))
+    assert '<strong data-plan="standard">standard</strong>' in current
+    assert "the account is on standard-volume now" in current
+
+
+def test_the_owner_sees_credits_and_plan_history_and_changes_the_plan(
+    client: TestClient, database_url: str
+) -> None:
+    from tests.integration.test_api import _owner_key
+
+    owner_id = billed_with_credits_and_adjustment(database_url)
+    csrf = sign_in(client, _owner_key(database_url, "acme"))
+
+    page = assert_page(client.get("/console/account"))
+    assert 'id="credit-balance" data-points="700"' in page
+    assert "<strong>700 points</strong> (¥700)" in page
+    ledger = element(page, 'id="credit-ledger"', "table")
+    kinds = re.findall(
+        r'data-testid="ledger-entry" data-kind="(\w+)"(?: data-month="([\d-]+)")?', ledger
+    )
+    assert sorted(kinds) == sorted(
+        [
+            ("grant", ""),
+            ("grant", ""),
+            ("grant", ""),
+            ("grant", ""),
+            ("expiry", ""),
+            ("use", "2026-10"),
+            ("use", "2026-11"),
+        ]
+    )
+    assert kinds[0] == ("grant", ""), "newest first: the grant made after November closed"
+    welcome = element(ledger, 'data-kind="grant"[^>]*', "tr")
+    assert "never expires" in welcome
+    assert 'data-points="700">700 remaining' in welcome
+    assert str(escape(f"apology {XSS}")) in welcome
+    assert XSS not in page
+    assert re.search(r"expires 2027-03-31 · <span[^>]*>0 remaining</span> · welcome", ledger)
+    assert re.search(r"expires 2026-09-15 · <span[^>]*>0 remaining</span> · trial", ledger)
+    assert 'paid <a href="/console/statements/2026-10">statement 2026-10</a>' in ledger
+    assert 'paid <a href="/console/statements/2026-11">statement 2026-11</a>' in ledger
+    expiry = element(ledger, 'data-kind="expiry"')
+    assert '<td class="num">-200</td>' in expiry
+    assert "expired after 2026-09-15" in expiry
+
+    history = element(page, 'id="plan-history"', "table")
+    assert 'data-plan="standard" data-bills-from="2026-09"' in history
+    assert "sign-up" in history
+    assert 'id="plan-form"' in page
+
+    # Refusals name the problem and change nothing.
+    before = snapshot_plans(database_url)
+    refused = client.post("/console/account/plan", data={"csrf_token": csrf, "plan": "gold"})
+    text = assert_page(refused, 422)
+    assert 'id="plan-error"' in text
+    assert "unknown plan &#39;gold&#39;" in text
+    assert_page(client.post("/console/account/plan", data={"plan": "standard-volume"}), 403)
+    same = client.post("/console/account/plan", data={"csrf_token": csrf, "plan": "standard"})
+    assert same.headers["location"] == "/console/account?plan_unchanged=1"
+    assert "already on plan standard: nothing changed" in assert_page(
+        client.get(same.headers["location"])
+    )
+    assert snapshot_plans(database_url) == before
+
+    changed = client.post(
+        "/console/account/plan", data={"csrf_token": csrf, "plan": "standard-volume"}
+    )
+    assert changed.status_code == 303
+    assert changed.headers["location"] == "/console/account?plan_changed=1"
+    after = assert_page(client.get(changed.headers["location"]))
+    first = current_month_after(datetime.now(UTC))
+    assert "The plan is now standard-volume, in force at once for the service." in after
+    assert f"Usage is billed at it from {first}; earlier months keep" in after
+    newest = element(after, 'data-testid="plan-change"')
+    assert f'data-plan="standard-volume" data-bills-from="{first}"' in newest
+    assert "(console)" in newest
+    assert snapshot_plans(database_url)[-1] == ("standard-volume", f"console:{owner_id}")
+    assert 'id="account-plan">standard-volume' in after
+
+
+def test_managers_read_billing_and_developers_see_none_of_it(
+    client: TestClient, database_url: str
+) -> None:
+    from tests.integration.test_api import _owner_key
+
+    billed_with_credits_and_adjustment(database_url)
+    owner = _owner_key(database_url, "acme")
+    _, _, manager = add_member(client, owner, "manager")
+    _, _, developer = add_member(client, owner, "developer")
+    before = snapshot_plans(database_url)
+
+    mgr = browser(client)
+    mgr_csrf = sign_in(mgr, manager)
+    page = assert_page(mgr.get("/console/account"))
+    assert 'id="credit-balance" data-points="700"' in page
+    assert 'id="plan-history"' in page
+    assert 'id="plan-form"' not in page
+    assert 'id="plan-owner-only"' in page
+    refused = mgr.post("/console/account/plan", data={"csrf_token": mgr_csrf, "plan": "starter"})
+    assert "for the owner of" in assert_page(refused, 403)
+
+    dev = browser(client)
+    dev_csrf = sign_in(dev, developer)
+    nav = dev.get("/console/devices").text
+    for section in ("usage", "statements", "account"):
+        assert f'id="nav-{section}"' not in nav
+    for path in (
+        "/console/account",
+        "/console/usage?month=2026-10",
+        "/console/statements",
+        "/console/statements/2026-11",
+    ):
+        text = assert_page(dev.get(path), 403)
+        assert "managers and the owner" in text, path
+        for secret in ("700 points", "1,675", "standard"):
+            assert secret not in text, (path, secret)
+    refused = dev.post("/console/account/plan", data={"csrf_token": dev_csrf, "plan": "starter"})
+    assert "for the owner of" in assert_page(refused, 403)
+    assert snapshot_plans(database_url) == before
+
+
+def snapshot_plans(database_url: str) -> list[tuple[str, str]]:
+    with connect(database_url) as conn:
+        rows = conn.execute("SELECT plan, changed_by FROM plan_changes ORDER BY id").fetchall()
+    return [(r["plan"], r["changed_by"]) for r in rows]
+
+
+def current_month_after(now: datetime) -> str:
+    """The month after ``now``'s in Tokyo: a change now is billed from then (P6)."""
+    from console.views import next_month
+    from metering.statements import current_month
+
+    return next_month(current_month("Asia/Tokyo", now))
 
 
 def test_rejected_heartbeats_page(client: TestClient, database_url: str) -> None:

@@ -43,11 +43,12 @@ from devmeter.config import Settings
 from devmeter.errors import DevmeterError, InvalidError
 from ingest.protocol import connection, mosquitto_pub_command
 from ingest.rejections import REASON_HELP, REASONS, RejectionFilter, list_rejections
+from metering import usage_model
 from metering.access import Principal, authenticate, list_members
 from metering.accounts import current_payment_method, set_payment_method
 from metering.catalog import Catalog, Plan
 from metering.credits import Balance, balance, money_of
-from metering.daily import DayUsage, daily_usage, load_events
+from metering.daily import DayUsage
 from metering.peak import month_bounds
 from metering.plans import PlanChange, change_plan, first_month_priced, history
 from metering.pricing import format_money, round_money
@@ -739,11 +740,12 @@ def _priced_usage(
     month cannot (it left the catalog, or lacks a class the account used): the quantities
     still show."""
     try:
-        return get_usage(conn, catalog, ref, month, now=now), ""
+        return get_usage(conn, catalog, ref, month, now=now, evidence=False), ""
     except InvalidError as exc:
         if exc.field not in ("plan", "device_class"):
             raise
-        return get_usage(conn, catalog, ref, month, now=now, priced=False), exc.message
+        usage = get_usage(conn, catalog, ref, month, now=now, priced=False, evidence=False)
+        return usage, exc.message
 
 
 def _class_views(
@@ -799,12 +801,8 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
     try:
         usage, pricing_error = _priced_usage(conn, catalog, principal.account_ref, chosen, now)
         start, end = month_bounds(chosen, principal.timezone)
-        days = daily_usage(
-            load_events(conn, principal.account_id, start, end),
-            start,
-            end,
-            principal.timezone,
-            until=now,
+        days = usage_model.daily(
+            conn, principal.account_id, start, end, principal.timezone, until=now
         )
     except DevmeterError as exc:
         return render(
@@ -930,7 +928,12 @@ def statement_page(request: Request, conn: DB, session: Signed, month: str) -> R
         return forbidden(session, "statements:read")
     try:
         statement = get_statement(
-            conn, _app_state(request).catalog, principal.account_ref, month, now=datetime.now(UTC)
+            conn,
+            _app_state(request).catalog,
+            principal.account_ref,
+            month,
+            now=datetime.now(UTC),
+            evidence=False,
         )
     except DevmeterError as exc:
         status = exc.status_code if exc.status_code < 500 else 500

@@ -775,7 +775,7 @@ def usage(account_ref: str, month: str, evidence: bool) -> None:
 
     config = settings()
     with transaction(config) as conn:
-        result = get_usage(conn, catalog(config), account_ref, month, now=_now())
+        result = get_usage(conn, catalog(config), account_ref, month, now=_now(), evidence=evidence)
     emit(usage_document(result, evidence=evidence))
 
 
@@ -790,7 +790,9 @@ def statement(account_ref: str, month: str, evidence: bool) -> None:
 
     config = settings()
     with transaction(config) as conn:
-        result = get_statement(conn, catalog(config), account_ref, month, now=_now())
+        result = get_statement(
+            conn, catalog(config), account_ref, month, now=_now(), evidence=evidence
+        )
     emit(statement_document(result, evidence=evidence))
 
 

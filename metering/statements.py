@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 
 from devmeter.errors import ConflictError, InvalidError
-from metering import credits
+from metering import credits, usage_model
 from metering.catalog import Catalog, Plan, Rounding, distinct_classes
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import peaks, peaks_many
@@ -118,10 +118,14 @@ def get_usage(
     *,
     now: datetime,
     priced: bool = True,
+    evidence: bool = True,
 ) -> Usage:
     """The month's usage, priced (``Usage.statement``): final as closed, else preliminary,
     counted and priced at the plan in force at the month's first instant (P6, M6). With
-    ``priced=False`` an open month is only counted (its plan may be unable to price it)."""
+    ``priced=False`` an open month is only counted (its plan may be unable to price it).
+
+    Without ``evidence`` (the devices behind each peak) the quantities are read from the
+    maintained figures (metering.usage_model), not replayed from the events."""
     account = get_account(conn, account_ref)
     start, end = month_bounds(month, account.timezone)
     stored = _stored_statement_row(conn, account.id, month)
@@ -133,16 +137,16 @@ def get_usage(
             "final",
             start,
             end,
-            _stored_peaks(conn, stored["id"]),
+            _stored_peaks(conn, stored["id"], evidence=evidence),
             plan=stored["plan"],
-            corrected=peaks(conn, account.id, start, end, distinct=distinct),
-            statement=_stored_statement(conn, account, month, stored),
+            corrected=_count(conn, account.id, start, end, distinct, evidence),
+            statement=_stored_statement(conn, account, month, stored, evidence=evidence),
             distinct=distinct,
         )
     _refuse_future(account, month, start, now)
     plan = plans_at(conn, [account], start)[account.id]
     distinct = _distinct(catalog, plan)
-    classes = peaks(conn, account.id, start, end, distinct=distinct)
+    classes = _count(conn, account.id, start, end, distinct, evidence)
     statement = None
     if priced:
         late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
@@ -170,14 +174,35 @@ def get_usage(
     )
 
 
+def _count(
+    conn: Conn,
+    account_id: int,
+    start: datetime,
+    end: datetime,
+    distinct: frozenset[str],
+    evidence: bool,
+) -> dict[str, ClassPeak]:
+    """Each class's quantity: read from the maintained figures, or replayed from the events
+    when the devices behind it are wanted or the plan counts distinct devices (M6)."""
+    if evidence or distinct:
+        return peaks(conn, account_id, start, end, distinct=distinct)
+    return usage_model.month_peaks(conn, account_id, start, end)
+
+
 def get_statement(
-    conn: Conn, catalog: Catalog, account_ref: str, month: str, *, now: datetime
+    conn: Conn,
+    catalog: Catalog,
+    account_ref: str,
+    month: str,
+    *,
+    now: datetime,
+    evidence: bool = True,
 ) -> Statement:
     account = get_account(conn, account_ref)
     stored = _stored_statement_row(conn, account.id, month)
     if stored is not None:
-        return _stored_statement(conn, account, month, stored)
-    usage = get_usage(conn, catalog, account_ref, month, now=now)
+        return _stored_statement(conn, account, month, stored, evidence=evidence)
+    usage = get_usage(conn, catalog, account_ref, month, now=now, evidence=evidence)
     assert usage.statement is not None
     return usage.statement
 
@@ -568,10 +593,12 @@ def _stored_statement_row(conn: Conn, account_id: int, month: str) -> dict[str, 
         ).fetchone()
 
 
-def _stored_peaks(conn: Conn, statement_id: int) -> dict[str, ClassPeak]:
+def _stored_peaks(conn: Conn, statement_id: int, *, evidence: bool = True) -> dict[str, ClassPeak]:
+    # A month of a large account holds tens of thousands of ids: read them only when wanted.
+    ids = "device_ids" if evidence else "'{}'::text[] AS device_ids"
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
-            "SELECT device_class, peak, peak_at, device_ids FROM statement_peaks"
+            f"SELECT device_class, peak, peak_at, {ids} FROM statement_peaks"
             " WHERE statement_id = %s ORDER BY device_class",
             (statement_id,),
         ).fetchall()
@@ -583,7 +610,9 @@ def _stored_peaks(conn: Conn, statement_id: int) -> dict[str, ClassPeak]:
     }
 
 
-def _stored_statement(conn: Conn, account: Account, month: str, row: dict[str, Any]) -> Statement:
+def _stored_statement(
+    conn: Conn, account: Account, month: str, row: dict[str, Any], *, evidence: bool = True
+) -> Statement:
     with conn.cursor(row_factory=dict_row) as cur:
         lines = cur.execute(
             "SELECT kind, device_class, description, quantity, unit_price, amount, tier,"
@@ -607,7 +636,7 @@ def _stored_statement(conn: Conn, account: Account, month: str, row: dict[str, A
         amount_due=row["amount_due"],
         due_date=row["due_date"],
         closed_at=row["closed_at"].astimezone(UTC),
-        peaks=_stored_peaks(conn, row["id"]),
+        peaks=_stored_peaks(conn, row["id"], evidence=evidence),
     )
 
 

@@ -17,8 +17,8 @@ from api.schemas import (
     StatementSummary,
     UsageOut,
 )
+from metering import usage_model
 from metering.access import Principal
-from metering.daily import daily_usage, load_events
 from metering.peak import month_bounds
 from metering.pricing import format_money
 from metering.statements import (
@@ -49,7 +49,9 @@ Month = Annotated[
 )
 def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> UsageOut:
     month = month or current_month(caller.timezone, datetime.now(UTC))
-    result = get_usage(conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC))
+    result = get_usage(
+        conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC), evidence=False
+    )
     return UsageOut.model_validate(usage_document(result))
 
 
@@ -62,11 +64,9 @@ def usage(caller: UsageReader, conn: DB, app: State, month: Month = None) -> Usa
 def usage_daily(caller: UsageReader, conn: DB, app: State, month: Month = None) -> DailyUsageOut:
     now = datetime.now(UTC)
     month = month or current_month(caller.timezone, now)
-    result = get_usage(conn, app.catalog, caller.account_ref, month, now=now)
+    result = get_usage(conn, app.catalog, caller.account_ref, month, now=now, evidence=False)
     start, end = month_bounds(month, caller.timezone)
-    days = daily_usage(
-        load_events(conn, caller.account_id, start, end), start, end, caller.timezone, until=now
-    )
+    days = usage_model.daily(conn, caller.account_id, start, end, caller.timezone, until=now)
     peak = UsageOut.model_validate(usage_document(result)).classes
     return DailyUsageOut(
         account=caller.account_ref,
@@ -120,5 +120,7 @@ def statements(caller: StatementReader, conn: DB) -> list[StatementSummary]:
 )
 def statement(month: str, caller: StatementReader, conn: DB, app: State) -> StatementOut:
     return statement_out(
-        get_statement(conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC))
+        get_statement(
+            conn, app.catalog, caller.account_ref, month, now=datetime.now(UTC), evidence=False
+        )
     )

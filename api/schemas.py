@@ -394,7 +394,7 @@ class PlanChangeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     plan: str = Field(min_length=1, max_length=64, pattern=NO_NUL, examples=["standard"])
-    at: AwareDatetime | None = Field(
+    at: InputInstant | None = Field(
         default=None,
         description="when the change takes effect (default: now; never in the future). At a "
         "month's first instant it prices that month; later, from the next month (P6).",
@@ -424,14 +424,17 @@ class PlanChangeOut(PlanOut):
 class CreditGrantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    points: int = Field(gt=0, le=10**12, description="1 point = 1 minor unit of the currency")
+    # strict: "5" is not 5 points.
+    points: int = Field(
+        gt=0, le=10**12, strict=True, description="1 point = 1 minor unit of the currency"
+    )
     reason: str | None = Field(default=None, max_length=500, pattern=NO_NUL)
-    expires: date | None = Field(
+    expires: InputDate | None = Field(
         default=None,
         description="the last day (inclusive, account time zone) the points pay for; "
         "default: never",
     )
-    at: AwareDatetime | None = Field(default=None, description="when granted (default: now)")
+    at: InputInstant | None = Field(default=None, description="when granted (default: now)")
 
 
 class LedgerEntryOut(BaseModel):

@@ -29,13 +29,19 @@ REVOKE INSERT ON devmeter_meta, devmeter_schema_migrations FROM {role};
 -- device_credentials: a device's broker hash, replaced when its key is rotated.
 -- console_sessions: last use and sign-out; expired sessions are deleted.
 -- idempotency_keys: a claimed key gets its response; expired keys are deleted.
--- usage_steps, usage_buckets, usage_classes: the maintained usage figures (issue 11), derived
---   from the state events by their trigger and rebuilt by bulk writers; not evidence.
 GRANT UPDATE ON accounts, devices, device_credentials, api_keys, webhook_deliveries,
-    close_failures, console_sessions, idempotency_keys, usage_steps, usage_buckets,
-    usage_classes TO {role};
-GRANT DELETE ON close_failures, console_sessions, idempotency_keys, usage_steps, usage_buckets,
-    usage_classes TO {role};
+    close_failures, console_sessions, idempotency_keys TO {role};
+GRANT DELETE ON close_failures, console_sessions, idempotency_keys TO {role};
+-- usage_steps, usage_buckets, usage_classes: the maintained usage figures (migration 0014),
+--   derived from the state events by their trigger and rebuilt by bulk writers; not evidence.
+--   Granted once they exist: a migrate to an earlier target version stops before them.
+DO $$
+BEGIN
+    IF to_regclass('usage_steps') IS NOT NULL THEN
+        GRANT UPDATE, DELETE ON usage_steps, usage_buckets, usage_classes TO {role};
+    END IF;
+END
+$$;
 
 -- Identity columns and device_state_events.id draw from sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};

@@ -76,7 +76,7 @@ def _balance(conn: DB, catalog: Catalog, account: Account) -> dict[str, Any]:
 @router.get(
     "/v1/plan",
     response_model=PlanOut,
-    responses=responses(401, 403),
+    responses=responses(401, 403, 422),
     summary="The plan in force and the plan history (owner and managers)",
 )
 def read_plan(caller: BillingReader, conn: DB) -> PlanOut:
@@ -97,7 +97,7 @@ def put_plan(body: PlanChangeIn, caller: PlanOwner, conn: DB, app: State) -> Pla
 @router.get(
     "/v1/credits",
     response_model=CreditsOut,
-    responses=responses(401, 403),
+    responses=responses(401, 403, 422),
     summary="Credit point balance and ledger (owner and managers)",
 )
 def read_credits(caller: BillingReader, conn: DB, app: State) -> CreditsOut:
@@ -121,7 +121,7 @@ def operator_plan(ref: AccountRef, body: PlanChangeIn, conn: DB, app: State) -> 
 @router.get(
     "/v1/admin/accounts/{ref}/credits",
     response_model=CreditsOut,
-    responses=responses(401, 404),
+    responses=responses(401, 404, 422),
     dependencies=Operator,
     tags=["operator"],
     summary="An account's credit balance and ledger (operator)",

@@ -139,10 +139,14 @@ BEGIN
     IF current_setting('devmeter.usage_bulk', true) = 'on' THEN
         RETURN NULL;  -- a bulk writer rebuilds the accounts it touched (devmeter_usage_rebuild)
     END IF;
+    -- DO NOTHING takes no lock on an existing row, so writers of one class do not queue here;
+    -- the rare earlier event moves first_at with a lock.
     INSERT INTO usage_classes (account_id, device_class, first_at)
     VALUES (NEW.account_id, NEW.device_class, NEW.time)
-    ON CONFLICT (account_id, device_class) DO UPDATE SET first_at = EXCLUDED.first_at
-    WHERE usage_classes.first_at > EXCLUDED.first_at;
+    ON CONFLICT (account_id, device_class) DO NOTHING;
+    UPDATE usage_classes SET first_at = NEW.time
+    WHERE account_id = NEW.account_id AND device_class = NEW.device_class
+      AND first_at > NEW.time;
     -- The device's timeline as recorded before this event: every writer locks the device's
     -- row before adding its events, so ids follow the order events of one device are recorded
     -- in, and the rows a statement adds after this one are left to their own turn.

@@ -139,7 +139,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="./dev bench ingest",
         description="Ingest throughput and latency against a discard-only and a naive subscriber. "
-        "PostgreSQL: DEVMETER_BENCH_DATABASE_URL (default the local server, else an embedded one).",
+        "PostgreSQL: DEVMETER_BENCH_DATABASE_URL (default the local server, else an embedded one). "
+        "--source jetstream runs the NATS JetStream bench instead (its own --help).",
     )
     add = parser.add_argument
     add("--messages", type=int, help="messages per throughput phase (200000; quick 20000)")
@@ -1897,7 +1898,15 @@ def to_json(r: Results) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_options(argv)
+    # --source jetstream: the NATS JetStream path, a bench of its own (bench/ingest_jetstream.py).
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--source", choices=("mqtt", "jetstream"), default="mqtt")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.source == "jetstream":
+        from bench.ingest_jetstream import main as jetstream_main
+
+        return jetstream_main(rest)
+    opts = parse_options(rest)
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt

@@ -631,7 +631,9 @@ def broker(base_config: Path) -> None:
 def ingest(ctx: click.Context, client_id: str | None, stop_on_stdin_eof: bool) -> None:
     """Run the ingest worker: MQTT heartbeats into the database, until Ctrl-C.
 
-    With a subcommand (`gaps`), do that instead.
+    DEVMETER_INGEST_SOURCE=jetstream reads them from NATS JetStream instead (DEVMETER_NATS_URL):
+    several workers then share one durable consumer. With a subcommand (`gaps`, `replay`), do
+    that instead.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -658,6 +660,53 @@ def _parse_instant(option: str, value: str) -> datetime:
         ) from None
     # A bare date or a time without an offset is read in UTC, like the default.
     return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+@ingest.command()
+@click.option(
+    "--since",
+    metavar="ISO",
+    required=True,
+    help="Replay what the stream stored from this instant on (date or date-time; no offset "
+    "means UTC).",
+)
+@reports_errors
+def replay(since: str) -> None:
+    """Write again what NATS JetStream holds since --since (DEVMETER_NATS_URL).
+
+    Every message goes through the worker's processor and writer, which store a heartbeat
+    once: what is already stored is skipped, what is missing (a restored backup, a rebuilt
+    table) is stored with the state events it makes. Replaying twice stores nothing new.
+    Progress goes to stderr; the totals are printed as JSON at the end.
+    """
+    from devmeter.service import jetstream_options
+    from ingest.jetstream import ReplayProgress
+    from ingest.jetstream import replay as run_replay
+
+    start = _parse_since(since)
+    config = settings()
+
+    def progress(p: ReplayProgress) -> None:
+        click.echo(
+            f"replay: {p.messages} messages to stream sequence {p.sequence}, "
+            f"{p.heartbeats} heartbeats stored, {p.duplicates} already there, "
+            f"{p.rejections} refused",
+            err=True,
+        )
+
+    done = run_replay(
+        config.service_database_url(), jetstream_options(config), start, progress=progress
+    )
+    emit(
+        {
+            "since": start,
+            "messages": done.messages,
+            "heartbeats_stored": done.heartbeats,
+            "already_stored": done.duplicates,
+            "refused": done.rejections,
+            "end_sequence": done.end_sequence,
+        }
+    )
 
 
 @ingest.command()

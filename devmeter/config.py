@@ -115,6 +115,49 @@ class Settings(BaseSettings):
         default=None, description="serve Prometheus metrics of `devmeter ingest` on this port"
     )
     ingest_log_interval_s: float = Field(default=10.0, gt=0)
+    ingest_source: Literal["mqtt", "jetstream"] = Field(
+        default="mqtt",
+        description="where `devmeter ingest` reads heartbeats: the MQTT broker (Mosquitto, one "
+        "node) or a NATS JetStream stream that several workers and nodes share",
+    )
+
+    # NATS JetStream (DEVMETER_INGEST_SOURCE=jetstream).
+    nats_url: str | None = Field(
+        default=None,
+        description="nats://[user:pass@]host:port of the NATS cluster, several comma-separated "
+        "(the client moves to another node when one dies)",
+    )
+    jetstream_stream: str = Field(
+        default="DEVMETER_HEARTBEATS",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="the stream capturing devmeter.> (created when missing)",
+    )
+    jetstream_consumer: str = Field(
+        default="devmeter-ingest",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="the durable pull consumer every worker shares (created when missing)",
+    )
+    jetstream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="copies of the stream when devmeter creates it (3 in "
+        "a 3-node cluster: one node may die without losing or stopping anything)",
+    )
+    jetstream_ack_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a message a worker has not acknowledged this long (it died) goes to another",
+    )
+    jetstream_max_ack_pending: int = Field(
+        default=50_000, ge=10, description="unacknowledged messages out, over all workers"
+    )
+    jetstream_max_age_days: float = Field(
+        default=7.0,
+        gt=0,
+        description="how long the stream keeps messages: how far back `ingest replay` reaches",
+    )
 
     # Month close and the export to billing.
     close_grace_minutes: int = Field(
@@ -251,6 +294,14 @@ class Settings(BaseSettings):
             return url
         password = self.service_password.get_secret_value() if self.service_password else None
         return service_url(self.require_database_url(), self.service_role, password)
+
+    def require_nats_url(self) -> str:
+        if not self.nats_url:
+            raise ConfigError(
+                "DEVMETER_NATS_URL is not set (DEVMETER_INGEST_SOURCE=jetstream and "
+                "`devmeter ingest replay` read from NATS JetStream)"
+            )
+        return self.nats_url
 
     def require_mqtt_url(self) -> str:
         url = self.mqtt_url or self.runtime.get("mqtt_url")

@@ -25,6 +25,7 @@ from devmeter.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from devmeter.embedded import EmbeddedBroker
+    from ingest.jetstream import JetStreamOptions
     from ingest.worker import IngestOptions
 
 log = logging.getLogger("devmeter.up")
@@ -361,19 +362,48 @@ def ingest_options(config: Settings) -> IngestOptions:
     )
 
 
+def jetstream_options(config: Settings) -> JetStreamOptions:
+    from ingest.jetstream import JetStreamOptions
+
+    return JetStreamOptions(
+        url=config.require_nats_url(),
+        stream=config.jetstream_stream,
+        consumer=config.jetstream_consumer,
+        replicas=config.jetstream_replicas,
+        ack_wait_s=config.jetstream_ack_wait_s,
+        max_ack_pending=config.jetstream_max_ack_pending,
+        max_age_s=config.jetstream_max_age_days * 86_400,
+        name=config.ingest_client_id,
+    )
+
+
 def _start_ingest(
-    config: Settings, database_url: str, mqtt_url: str, stop: threading.Event
+    config: Settings, database_url: str, mqtt_url: str | None, stop: threading.Event
 ) -> threading.Thread:
     from ingest.worker import IngestWorker
 
-    worker = IngestWorker(database_url, mqtt_url, ingest_options(config))
+    if config.ingest_source == "jetstream":
+        from ingest.jetstream import JetStreamSource
+
+        options = jetstream_options(config)
+        worker = IngestWorker(
+            database_url,
+            None,
+            ingest_options(config),
+            source=lambda inbox: JetStreamSource(options, inbox),
+        )
+    else:
+        worker = IngestWorker(database_url, mqtt_url, ingest_options(config))
     if config.ingest_metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(config.ingest_metrics_port, registry=worker.metrics.registry)
     thread = threading.Thread(target=worker.run, args=(stop,), name="ingest", daemon=True)
     thread.start()
-    _say(f"ingest worker started, MQTT client id {config.ingest_client_id!r}")
+    if config.ingest_source == "jetstream":
+        _say(f"ingest worker started on NATS JetStream consumer {config.jetstream_consumer!r}")
+    else:
+        _say(f"ingest worker started, MQTT client id {config.ingest_client_id!r}")
     return thread
 
 
@@ -381,7 +411,8 @@ def run_ingest(config: Settings, *, stop_on_stdin_eof: bool = False) -> None:
     """``devmeter ingest``: the worker alone, against configured servers."""
 
     def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
-        database_url, mqtt_url = config.service_database_url(), config.require_mqtt_url()
+        database_url = config.service_database_url()
+        mqtt_url = config.require_mqtt_url() if config.ingest_source == "mqtt" else None
         if stop_on_stdin_eof:
 
             def stop_at_eof() -> None:

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -133,6 +134,14 @@ class Subscriber:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def pause(self) -> None:
+        """Stop reading from the broker; what it sent and we did not acknowledge it redelivers."""
+        self.client.loop_stop()
+
+    def ack_batch(self, messages: Sequence[Inbound]) -> None:
+        for message in messages:
+            self.ack(message)
 
     def ack(self, message: Inbound) -> bool:
         """Acknowledge, if the connection that delivered it is still the current one.

@@ -1,4 +1,9 @@
-"""The ingest worker: MQTT in, batches of heartbeats out, acknowledgements after commit."""
+"""The ingest worker: MQTT in, batches of heartbeats out, acknowledgements after commit.
+
+"MQTT in" is Mosquitto through paho by default (ingest/mqtt.py); with
+DEVMETER_INGEST_SOURCE=jetstream it is a NATS JetStream durable consumer that several workers
+share (ingest/jetstream.py). Both fill the same queue and take the same acknowledgements.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -21,7 +27,7 @@ from ingest.writer import load_directory, write_batch
 log = logging.getLogger("devmeter.ingest")
 
 #: A refusal that a newer device directory could turn into an acceptance.
-_DIRECTORY_REASONS = {Reason.UNKNOWN_DEVICE, Reason.NOT_BOUND, Reason.NOT_A_GATEWAY}
+DIRECTORY_REASONS = {Reason.UNKNOWN_DEVICE, Reason.NOT_BOUND, Reason.NOT_A_GATEWAY}
 _DIRECTORY_REFRESH_S = 1.0
 _RETRY_MAX_S = 10.0
 
@@ -68,28 +74,54 @@ class Metrics:
         self.total_rejections: dict[str, int] = {}
 
 
+class Source(Protocol):
+    """Where messages come from: it fills the worker's queue and takes acknowledgements."""
+
+    #: Set while messages can arrive (subscription granted, consumer bound).
+    subscribed: threading.Event
+
+    def start(self) -> None: ...
+
+    def pause(self) -> None:
+        """Stop taking messages in; what is queued is still written and acknowledged."""
+
+    def stop(self) -> None: ...
+
+    def ack_batch(self, messages: Sequence[Inbound]) -> None:
+        """Acknowledge messages whose batch is committed."""
+
+
 class IngestWorker:
     def __init__(
         self,
         database_url: str,
-        mqtt_url: str,
+        mqtt_url: str | None,
         options: IngestOptions,
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        source: Callable[[queue.Queue[Inbound]], Source] | None = None,
     ) -> None:
+        """``source`` makes the source of messages from the worker's queue; by default an MQTT
+        subscriber to ``mqtt_url``."""
         self.database_url = database_url
         self.options = options
         self.metrics = metrics or Metrics()
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=options.max_inflight)
-        self.subscriber = Subscriber(
-            mqtt_url,
-            client_id=options.client_id,
-            share_group=options.share_group,
-            max_inflight=options.max_inflight,
-            session_expiry_s=options.session_expiry_s,
-            inbox=self.inbox,
-        )
+        self.subscriber: Source
+        if source is not None:
+            self.subscriber = source(self.inbox)
+        elif mqtt_url is None:
+            raise ValueError("an MQTT URL or another source is needed")
+        else:
+            self.subscriber = Subscriber(
+                mqtt_url,
+                client_id=options.client_id,
+                share_group=options.share_group,
+                max_inflight=options.max_inflight,
+                session_expiry_s=options.session_expiry_s,
+                inbox=self.inbox,
+            )
         self._clock = clock
         self._conn: psycopg.Connection[dict[str, object]] | None = None
         self._directory: dict[DeviceKey, DeviceInfo] = {}
@@ -106,7 +138,7 @@ class IngestWorker:
                 if batch:
                     self._flush(batch, stop)
                 reporter.maybe_log()
-            self.subscriber.client.loop_stop()
+            self.subscriber.pause()
             leftover = self._drain()
             if leftover:
                 self._flush(leftover, stop)
@@ -186,8 +218,7 @@ class IngestWorker:
             m.total_rejections[rejection.reason.value] = (
                 m.total_rejections.get(rejection.reason.value, 0) + 1
             )
-        for message in batch:
-            self.subscriber.ack(message)
+        self.subscriber.ack_batch(batch)
 
     def _process(
         self, batch: list[Inbound], stop: threading.Event
@@ -198,7 +229,7 @@ class IngestWorker:
         for message in batch:
             out = process(message.topic, message.payload, message.received_at, self._directory)
             if isinstance(out, Rejection):
-                if out.reason in _DIRECTORY_REASONS:
+                if out.reason in DIRECTORY_REASONS:
                     retry.append(message)
                 else:
                     rejections.append(out)

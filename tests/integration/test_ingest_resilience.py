@@ -26,8 +26,9 @@ BASE = datetime.now(UTC) - timedelta(hours=2)
 class WorkerProcess:
     """`devmeter ingest` as its own process, as it runs in production."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env, self.cwd = env, cwd
+    def __init__(self, env: dict[str, str], cwd: Path, ready: str = "granted") -> None:
+        #: What the worker logs once it receives (MQTT: its subscription was granted).
+        self.env, self.cwd, self.ready = env, cwd, ready
         self.log = cwd / f"ingest-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -42,7 +43,7 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
             )
         poll(
-            lambda: "granted" in self.log.read_text() or self.proc.poll() is not None,  # type: ignore[union-attr]
+            lambda: self.ready in self.log.read_text() or self.proc.poll() is not None,  # type: ignore[union-attr]
             30,
             "the worker to subscribe",
         )

@@ -1030,10 +1030,16 @@ def export(month: str, fmt: str, out: Path | None) -> None:
 @click.option(
     "--port", type=click.IntRange(0, 65535), help="Port (default: DEVMETER_API_PORT, 8000)."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Processes serving the port (default: DEVMETER_API_WORKERS, 1). Production: about "
+    "one per core; needs DEVMETER_DATABASE_URL.",
+)
 @reports_errors
-def api(host: str | None, port: int | None) -> None:
+def api(host: str | None, port: int | None, workers: int | None) -> None:
     """Serve the REST API (/v1) and the developer console (/console) with uvicorn."""
-    from devmeter.service import run_api
+    from devmeter.service import run_api, run_api_workers
 
     config = settings()
     updates: dict[str, object] = {}
@@ -1041,7 +1047,13 @@ def api(host: str | None, port: int | None) -> None:
         updates["api_host"] = host
     if port is not None:
         updates["api_port"] = port
-    run_api(config.model_copy(update=updates) if updates else config)
+    if updates:
+        config = config.model_copy(update=updates)
+    count = workers or config.api_workers
+    if count > 1:
+        run_api_workers(config, count)
+    else:
+        run_api(config)
 
 
 @main.command()

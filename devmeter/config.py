@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="address `devmeter api`/`up` serve on")
     api_port: int = Field(default=8000, ge=0, le=65535, description="0: any free port")
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="`devmeter api` processes sharing the port"
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="bearer token of the operator endpoints under /v1/admin/; required outside "

@@ -320,6 +320,35 @@ def run_api(config: Settings) -> None:
     _serve(start)
 
 
+def run_api_workers(config: Settings, workers: int) -> None:
+    """``devmeter api --workers N``: N processes on one listening socket (uvicorn's), each with
+    its own connection pool, so reads use every core. Each worker builds the app from the
+    environment; the console's CSRF key is shared through it, so a form rendered by one
+    worker is accepted by another."""
+    import secrets
+
+    import uvicorn
+
+    if config.database_url is None:
+        raise ConfigError("--workers needs DEVMETER_DATABASE_URL (no embedded database)")
+    if config.console_secret is None:
+        os.environ["DEVMETER_CONSOLE_SECRET"] = secrets.token_urlsafe(32)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _say(f"API at http://{config.api_host}:{config.api_port}/v1 with {workers} workers")
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=config.api_host,
+        port=config.api_port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        # As serve_in_thread: the app applies DEVMETER_TRUSTED_PROXIES itself.
+        proxy_headers=False,
+    )
+
+
 def run_scheduler(config: Settings) -> None:
     """``devmeter scheduler``: month close (and webhooks) alone, against a configured database."""
 

@@ -77,3 +77,46 @@ def test_scheduler_runs_until_sigterm(
     log = tmp_path / "scheduler.log"
     proc, _ = serve("scheduler", {**cli_env, "DEVMETER_DATABASE_URL": database_url}, log)
     stop(proc, log)
+
+
+def test_api_with_workers_serves_from_several_processes(
+    cli_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **cli_env,
+        "DEVMETER_DATABASE_URL": database_url,
+        "DEVMETER_ADMIN_TOKEN": "operator-token-of-this-test",
+    }
+    log = tmp_path / "api.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmeter", "api", "--workers", "2", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return proc.poll() is not None
+
+    try:
+        poll(healthy, 60, "the API's workers to serve")
+        assert proc.poll() is None, log.read_text()
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        # uvicorn's supervisor keeps one spawned process per worker (beside any helper).
+        workers = [
+            c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2, (children, log.read_text())
+    finally:
+        code = terminate(proc, 30, "devmeter api --workers")
+    assert code == 0, log.read_text()

@@ -113,9 +113,7 @@ def test_api_with_workers_serves_from_several_processes(
         assert proc.poll() is None, log.read_text()
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         # uvicorn's supervisor keeps one spawned process per worker (beside any helper).
-        workers = [
-            c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-        ]
+        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(workers) == 2, (children, log.read_text())
     finally:
         code = terminate(proc, 30, "devmeter api --workers")

@@ -52,7 +52,7 @@ from devmeter.migrate import ensure_month_partitions, migrate
 from metering import statements
 from metering.catalog import load_catalog
 from metering.peak import ACTIVE, ClassPeak, Event, compute_peaks, month_bounds
-from metering.peak_frame import EVENTS_COPY, peaks_many
+from metering.peak_frame import EVENTS_COPY, EndStates, close_peaks, peaks_many
 from metering.peak_sql import sql_peaks_many
 from metering.statements import close_month, month_start
 
@@ -661,7 +661,7 @@ def close_once(url: str, month: str, now: datetime, zones: list[str], watch: Wat
     by_bounds = {month_bounds(month, tz): tz for tz in zones}
     inside: dict[str, float] = {}
     # The function close_month calls; patched by name in metering.statements below.
-    real = peaks_many
+    real = close_peaks
 
     def timed_peaks(
         conn: psycopg.Connection[Any],
@@ -670,7 +670,7 @@ def close_once(url: str, month: str, now: datetime, zones: list[str], watch: Wat
         end: datetime,
         *,
         distinct: frozenset[str] = frozenset(),
-    ) -> dict[int, dict[str, ClassPeak]]:
+    ) -> tuple[dict[int, dict[str, ClassPeak]], EndStates]:
         started = time.perf_counter()
         try:
             return real(conn, account_ids, start, end, distinct=distinct)
@@ -680,7 +680,7 @@ def close_once(url: str, month: str, now: datetime, zones: list[str], watch: Wat
 
     catalog = load_catalog()
     opener = TimedConnect(url)
-    with mock.patch.object(statements, "peaks_many", timed_peaks):
+    with mock.patch.object(statements, "close_peaks", timed_peaks):
         report, phase = timed(watch, lambda: close_month(opener, catalog, month, now=now))
     return CloseRun(
         phase.seconds,

@@ -65,6 +65,55 @@ COPY (
 ) TO STDOUT (FORMAT binary)
 """
 
+# The close's COPY (close_peaks): for accounts whose last close left a usable snapshot of the
+# devices Active at this month's start, that snapshot (as events just before the start) and
+# the month's own events; for the others, their history as above.
+SNAPSHOT_EVENTS_COPY: Final = """
+COPY (
+    SELECT hashtextextended(device_id, account_id), %(before)s::timestamptz, 0::bigint, true
+    FROM device_month_states
+    WHERE account_id = ANY(%(snapshot_ids)s::bigint[]) AND boundary = %(start)s
+    UNION ALL
+    SELECT hashtextextended(device_id, account_id), time, id, state = 'active'
+    FROM device_state_events
+    WHERE account_id = ANY(%(snapshot_ids)s::bigint[])
+      AND time >= %(start)s AND time < %(end)s
+    UNION ALL
+    SELECT hashtextextended(device_id, account_id), time, id, state = 'active'
+    FROM device_state_events
+    WHERE account_id = ANY(%(history_ids)s::bigint[]) AND time < %(end)s
+) TO STDOUT (FORMAT binary)
+"""
+
+# A snapshot is usable unless an event before its boundary was stored after it was taken:
+# noted by the late-event trigger, or stored while that close was committing (the trigger could
+# not see its statement yet), found through the received_at index around the snapshot's time.
+_USABLE_SNAPSHOTS: Final = """
+WITH snaps AS (
+    SELECT account_id, taken_at FROM month_snapshots
+    WHERE account_id = ANY(%(account_ids)s::bigint[]) AND boundary = %(start)s
+), racing AS (
+    SELECT DISTINCT e.account_id
+    FROM device_state_events e JOIN snaps s USING (account_id)
+    WHERE e.received_at BETWEEN (SELECT min(taken_at) FROM snaps) - %(margin)s
+                            AND (SELECT max(taken_at) FROM snaps) + %(margin)s
+      AND e.received_at BETWEEN s.taken_at - %(margin)s AND s.taken_at + %(margin)s
+      AND e.time < %(start)s
+)
+SELECT s.account_id FROM snaps s
+WHERE s.account_id NOT IN (SELECT account_id FROM racing)
+  AND NOT EXISTS (
+      SELECT 1 FROM late_events x
+      WHERE x.account_id = s.account_id AND x.event_time < %(start)s
+        AND x.received_at > s.taken_at - %(margin)s
+  )
+"""
+#: As metering.statements.LATE_MARGIN: a transaction may commit this long after it began.
+SNAPSHOT_MARGIN: Final = timedelta(hours=1)
+
+#: Per account, the devices Active at the end of the period (id, class): the next snapshot.
+EndStates = dict[int, list[tuple[str, str]]]
+
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
@@ -114,12 +163,68 @@ def frame_peaks_many(
     distinct: frozenset[str] = frozenset(),
 ) -> dict[int, dict[str, ClassPeak]]:
     """``peaks_many`` in NumPy; raises ``Unusable`` where that would be wrong."""
+    return _frame(conn, account_ids, start, end, distinct=distinct, snapshots=False)[0]
+
+
+def close_peaks(
+    conn: psycopg.Connection[Any],
+    account_ids: Sequence[int],
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str] = frozenset(),
+) -> tuple[dict[int, dict[str, ClassPeak]], EndStates]:
+    """The close's peaks, as ``peaks_many``'s, and the devices Active at ``end`` per account.
+
+    Where the previous close left a usable snapshot of the devices Active at ``start``, only
+    the month's events are read: the close then costs the month, not the account's history.
+    """
+    try:
+        return _frame(conn, account_ids, start, end, distinct=distinct, snapshots=True)
+    except Unusable as exc:
+        log.warning("peaks of %d account(s) computed in SQL instead: %s", len(account_ids), exc)
+        found = sql_peaks_many(conn, account_ids, start, end, distinct=distinct)
+        return found, _sql_end_states(conn, account_ids, end)
+
+
+_END_STATES: Final = """
+SELECT account_id, device_id, device_class FROM (
+    SELECT DISTINCT ON (account_id, device_id) account_id, device_id, device_class, state
+    FROM device_state_events
+    WHERE account_id = ANY(%(account_ids)s::bigint[]) AND time < %(end)s
+    ORDER BY account_id, device_id, time DESC, id DESC, state = 'active'
+) latest
+WHERE state = 'active'
+"""
+
+
+def _sql_end_states(
+    conn: psycopg.Connection[Any], account_ids: Sequence[int], end: datetime
+) -> EndStates:
+    states: EndStates = {a: [] for a in account_ids}
+    with conn.cursor(row_factory=tuple_row) as cur:
+        for account_id, device_id, device_class in cur.execute(
+            _END_STATES, {"account_ids": list(account_ids), "end": end}
+        ):
+            states[int(account_id)].append((str(device_id), str(device_class)))
+    return states
+
+
+def _frame(
+    conn: psycopg.Connection[Any],
+    account_ids: Sequence[int],
+    start: datetime,
+    end: datetime,
+    *,
+    distinct: frozenset[str],
+    snapshots: bool,
+) -> tuple[dict[int, dict[str, ClassPeak]], EndStates]:
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware")
     result: dict[int, dict[str, ClassPeak]] = {account_id: {} for account_id in account_ids}
     if not result:
-        return result
-    params = {"account_ids": list(result), "end": end}
+        return result, {}
+    params: dict[str, Any] = {"account_ids": list(result), "end": end}
     # One snapshot for the dictionary and the events when this opens the transaction; inside
     # a caller's, a device registered in between only sends the caller to the SQL path.
     idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
@@ -127,18 +232,38 @@ def frame_peaks_many(
         if idle:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         devices = cur.execute(_DEVICES, params).fetchall()
+        copy_sql = EVENTS_COPY
+        if snapshots:
+            usable = {
+                int(r[0])
+                for r in cur.execute(
+                    _USABLE_SNAPSHOTS,
+                    {"account_ids": list(result), "start": start, "margin": SNAPSHOT_MARGIN},
+                )
+            }
+            params.update(
+                start=start,
+                before=start - timedelta(microseconds=1),
+                snapshot_ids=sorted(usable),
+                history_ids=sorted(set(result) - usable),
+            )
+            copy_sql = SNAPSHOT_EVENTS_COPY
         data = bytearray()
-        with cur.copy(EVENTS_COPY, params) as copy:
+        with cur.copy(copy_sql, params) as copy:
             for chunk in copy:
                 data += chunk
     rows = _parse(data)
     dictionary = _Dictionary(devices)
+    device = rows["device"].astype(np.int64)
+    time = rows["time"].astype(np.int64)
+    order = rows["id"].astype(np.int64)
+    active = rows["active"].astype(np.bool_)
     peaks = _peaks(
-        device=rows["device"].astype(np.int64),
+        device=device,
         group_of=dictionary.group_of,
-        time=rows["time"].astype(np.int64),
-        order=rows["id"].astype(np.int64),
-        active=rows["active"].astype(np.bool_),
+        time=time,
+        order=order,
+        active=active,
         start=_micros(start),
         distinct=(
             np.fromiter((c in distinct for _, c in dictionary.groups), np.bool_)
@@ -155,7 +280,19 @@ def frame_peaks_many(
             _PG_EPOCH + timedelta(microseconds=peak_at),
             tuple(sorted(dictionary.ids_of(members))),
         )
-    return result
+    end_states: EndStates = {a: [] for a in result}
+    if snapshots and len(device):
+        # Each device's last event (replay order: time, id, Inactive after Active) says its
+        # state at the end.
+        by = np.lexsort((~active, order, time, device))
+        last = np.ones(len(by), np.bool_)
+        last[:-1] = device[by][1:] != device[by][:-1]
+        holding = by[last & active[by]]
+        index = dictionary.index(device[holding])
+        for i in sorted(index.tolist(), key=lambda k: dictionary.ids[k]):
+            account_id, device_class = dictionary.groups[int(dictionary.group[i])]
+            end_states[account_id].append((dictionary.ids[i], device_class))
+    return result, end_states
 
 
 def _micros(at: datetime) -> int:

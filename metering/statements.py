@@ -26,7 +26,7 @@ from devmeter.errors import ConflictError, InvalidError
 from metering import credits, usage_model
 from metering.catalog import Catalog, Plan, Rounding, distinct_classes
 from metering.peak import ClassPeak, month_bounds, parse_month
-from metering.peak_frame import peaks, peaks_many
+from metering.peak_frame import EndStates, close_peaks, peaks
 from metering.plans import plans_at
 from metering.pricing import Line, class_amount, format_money, price_month, round_money, tax_amount
 from metering.registry import Account, get_account
@@ -715,8 +715,11 @@ def close_month(
                         account.id
                     )
                 peaks: dict[int, dict[str, ClassPeak]] = {}
+                end_states: EndStates = {}
                 for distinct, ids in sorted(by_metric.items(), key=lambda x: sorted(x[0])):
-                    peaks.update(peaks_many(conn, ids, start, end, distinct=distinct))
+                    found, states = close_peaks(conn, ids, start, end, distinct=distinct)
+                    peaks.update(found)
+                    end_states.update(states)
                 late = _adjustments(conn, catalog, group, month, now=now)
         except Exception as exc:  # this zone's accounts fail (recorded, retried); others go on
             for account in group:
@@ -734,6 +737,7 @@ def close_month(
             on_closed,
             plans=plans,
             late=late,
+            end_states=end_states,
             now=now,
         )
     report.seconds = time.monotonic() - started
@@ -753,6 +757,7 @@ def _close_group(
     *,
     plans: dict[int, str],
     late: dict[int, list[Line]],
+    end_states: EndStates,
     now: datetime,
 ) -> None:
     """The group's statements, a batch of accounts per transaction on one connection.
@@ -786,7 +791,7 @@ def _close_group(
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = connect()
-                _insert_statements(conn, first, priced, on_closed, report, now)
+                _insert_statements(conn, first, priced, on_closed, report, now, end_states)
                 continue
             except Exception:
                 log.warning(
@@ -799,7 +804,9 @@ def _close_group(
                 try:
                     if conn is None or conn.closed or conn.broken:
                         conn = connect()
-                    _insert_statements(conn, first, [(account, statement)], on_closed, report, now)
+                    _insert_statements(
+                        conn, first, [(account, statement)], on_closed, report, now, end_states
+                    )
                 except Exception as exc:  # one account's failure must not stop the others
                     _record_failure(connect, report, account, month, exc)
     finally:
@@ -826,6 +833,7 @@ def _insert_statements(
     on_closed: Callable[[Conn, int], None] | None,
     report: CloseReport,
     now: datetime,
+    end_states: EndStates | None = None,
 ) -> None:
     """The statements, their lines and peaks in one transaction; the report once committed.
 
@@ -861,9 +869,45 @@ def _insert_statements(
             if statement_id is not None:
                 credits.record_uses(conn, account.id, statement_id, uses.get(account.id, []), now)
         credits.expire(conn, ids, now)
+        if end_states is not None:
+            _write_snapshots(
+                conn,
+                [(a.id, st.period_end) for a, st in priced if a.id in inserted],
+                end_states,
+            )
     for account, _ in priced:
         # Not inserted: another closer got there first (the unique key waited for it).
         (report.closed if account.id in inserted else report.already_closed).append(account.ref)
+
+
+def _write_snapshots(conn: Conn, closed: list[tuple[int, datetime]], end_states: EndStates) -> None:
+    """The devices Active at the end of each closed month: where the next close starts."""
+    closed = [(a, boundary) for a, boundary in closed if a in end_states]
+    if not closed:
+        return
+    devices = [(a, d, c) for a, _ in closed for d, c in end_states[a]]
+    conn.execute(
+        """
+        WITH s AS (
+            INSERT INTO month_snapshots (account_id, boundary)
+            SELECT * FROM unnest(%(ids)s::bigint[], %(bounds)s::timestamptz[])
+            ON CONFLICT DO NOTHING
+            RETURNING account_id, boundary
+        )
+        INSERT INTO device_month_states (account_id, boundary, device_id, device_class)
+        SELECT d.account_id, s.boundary, d.device_id, d.device_class
+        FROM unnest(%(d_account)s::bigint[], %(d_id)s::text[], %(d_class)s::text[])
+             AS d (account_id, device_id, device_class)
+        JOIN s USING (account_id)
+        """,
+        {
+            "ids": [a for a, _ in closed],
+            "bounds": [b for _, b in closed],
+            "d_account": [a for a, _, _ in devices],
+            "d_id": [d for _, d, _ in devices],
+            "d_class": [c for _, _, c in devices],
+        },
+    )
 
 
 def _take_credits(

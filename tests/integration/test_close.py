@@ -356,7 +356,7 @@ def test_a_failing_peak_computation_fails_its_accounts_not_the_close(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("2 devices at a peak of 3")
 
-    monkeypatch.setattr("metering.statements.peaks_many", broken)
+    monkeypatch.setattr("metering.statements.close_peaks", broken)
     report = close_month(opener, CATALOG, "2026-10", now=NOW)
     assert report.closed == []
     assert sorted(report.failed) == ["aaa", "bbb"]

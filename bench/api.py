@@ -28,10 +28,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import hashlib
+import io
 import json
 import os
 import platform
+import pstats
 import secrets
 import shutil
 import signal
@@ -64,7 +67,7 @@ from metering.daily import daily_usage, load_events
 from metering.peak import month_bounds
 from metering.peak_frame import peaks
 from metering.registry import create_account
-from metering.statements import close_month, current_month, get_usage
+from metering.statements import close_month, current_month, get_usage, usage_document
 
 REPO = Path(__file__).resolve().parent.parent
 DB_PREFIX = "devmeter_bench_api_"
@@ -722,6 +725,119 @@ def month_baseline(
     ]
 
 
+# --------------------------------------------------------------------------- diagnosis
+
+
+@dataclass
+class Profiled:
+    label: str
+    calls: int
+    wall_ms_per_call: float
+    #: Of that, time inside psycopg's execute/fetch (the database and the wire), per call.
+    database_ms_per_call: float
+    top: str
+
+
+@dataclass
+class Explained:
+    label: str
+    execution_ms: float
+    rows: int
+    plan: str
+
+
+def profile_reads(
+    url: str, catalog: Catalog, account: Account, months: Months, calls: int = 10
+) -> list[Profiled]:
+    """cProfile of what the slow handlers call, in-process (the server's worker threads are
+    out of a profiler's reach): usage and daily of the open full month, usage of the closed."""
+    tz = months.timezone
+    start, end = month_bounds(months.open_full, tz)
+    out: list[Profiled] = []
+    with db(url) as conn:
+        now = datetime.now(UTC)
+        actions: list[tuple[str, Callable[[], object]]] = [
+            (
+                f"usage {months.open_full} (open, full)",
+                lambda: usage_document(
+                    get_usage(conn, catalog, account.ref, months.open_full, now=now, evidence=False)
+                ),
+            ),
+            (
+                f"daily {months.open_full}",
+                lambda: usage_model.daily(conn, account.account_id, start, end, tz, until=now),
+            ),
+            (
+                f"usage {months.closed} (closed)",
+                lambda: usage_document(
+                    get_usage(conn, catalog, account.ref, months.closed, now=now, evidence=False)
+                ),
+            ),
+        ]
+        for label, action in actions:
+            action()  # warm: plans cached, pages in shared buffers
+            profiler = cProfile.Profile()
+            started = time.perf_counter()
+            profiler.enable()
+            for _ in range(calls):
+                action()
+            profiler.disable()
+            wall = (time.perf_counter() - started) / calls
+            stats = pstats.Stats(profiler)
+            raw: dict[tuple[str, int, str], tuple[Any, ...]] = getattr(stats, "stats", {})
+            database = sum(
+                value[3]
+                for (filename, _line, name), value in raw.items()
+                if "psycopg" in filename
+                and filename.endswith("cursor.py")
+                and name in ("execute", "fetchall", "fetchone", "__iter__")
+            )
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(8)
+            site = str(Path(psycopg.__file__).parent.parent) + "/"
+            top = "\n".join(
+                line.replace(site, "").replace(str(REPO) + "/", "")
+                for line in text.getvalue().splitlines()
+                if line.strip() and "function calls" not in line and "List reduced" not in line
+            )
+            out.append(Profiled(label, calls, wall * 1000, database * 1000 / calls, top))
+    return out
+
+
+def explain_reads(url: str, account: Account, months: Months) -> list[Explained]:
+    """EXPLAIN ANALYZE of metering.usage_model's three queries for the open full month: the
+    SQL every usage read runs (read from the module so the plan is of the code measured)."""
+    start, end = month_bounds(months.open_full, months.timezone)
+    params = {"account_id": account.account_id, "start": start, "end": end, "instants": [start]}
+    out: list[Explained] = []
+    with db(url) as conn:
+        for label, query in (
+            ("usage_model._CLASSES (classes, opening count)", usage_model._CLASSES),
+            ("usage_model._BUCKETS (the month's buckets)", usage_model._BUCKETS),
+            ("usage_model._STEPS_AT (steps at day starts)", usage_model._STEPS_AT),
+        ):
+            conn.execute(query, params).fetchall()
+            row = conn.execute(
+                sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(sql.SQL(query)),
+                params,
+            ).fetchone()
+            assert row is not None
+            doc = next(iter(row.values()))[0]
+            plan = doc["Plan"]
+            lines = [
+                f"{plan['Node Type']} rows={plan.get('Actual Rows')} "
+                f"time={plan.get('Actual Total Time')} ms"
+            ]
+            lines += [
+                f"  {child['Node Type']} {child.get('Index Name', child.get('Relation Name', ''))} "
+                f"rows={child.get('Actual Rows')} time={child.get('Actual Total Time')} ms"
+                for child in plan.get("Plans", [])
+            ]
+            ms, rows = float(doc["Execution Time"]), int(plan["Actual Rows"])
+            out.append(Explained(label, ms, rows, "\n".join(lines)))
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -889,6 +1005,36 @@ def render(
     return "\n".join(lines), data
 
 
+def render_diagnosis(
+    results: list[Measured], profiles: list[Profiled], explains: list[Explained], connections: int
+) -> str:
+    if not profiles and not explains:
+        return ""
+    lines = ["", "Diagnosis (where the time goes)"]
+    add = lines.append
+    # One process serves every request and its Python holds the GIL: in a closed loop each
+    # connection waits behind the others, so p50 is at least about connections x CPU/request
+    # divided by the cores the server's Python can use (one, plus what PostgreSQL overlaps).
+    add(f"  server CPU per request x {connections} connections (queueing floor of one process):")
+    for r in sorted(results, key=lambda r: -r.load.p99_ms)[:8]:
+        add(
+            f"    {r.endpoint:48} {r.account:6} {r.server_cpu_ms_per_request:6.1f} ms/req x "
+            f"{connections} = {r.server_cpu_ms_per_request * connections:6.0f} ms  (p50 "
+            f"{r.load.p50_ms:.0f}, p99 {r.load.p99_ms:.0f})"
+        )
+    for p in profiles:
+        add(
+            f"  cProfile, large account, {p.label}: {p.wall_ms_per_call:.1f} ms per call "
+            f"(profiled), of which psycopg execute/fetch {p.database_ms_per_call:.1f} ms; "
+            "top by own time:"
+        )
+        lines.extend("    " + line for line in p.top.splitlines())
+    for e in explains:
+        add(f"  EXPLAIN ANALYZE {e.label}: {e.execution_ms:.1f} ms, {e.rows:,} rows")
+        lines.extend("    " + line for line in e.plan.splitlines())
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -911,6 +1057,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="baseline replays per figure")
     parser.add_argument(
         "--python-load", action="store_true", help="use the Python load generator even with wrk"
+    )
+    parser.add_argument(
+        "--diagnose",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="profile the slow reads and EXPLAIN ANALYZE their SQL when a target is missed "
+        "(auto), always, or never",
     )
     parser.add_argument("--seed", type=float, default=0.42, help="setseed() for generation")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -997,7 +1150,26 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 results = measure_all(api, accounts, months, args, wrk, work, watch)
                 run_load = watch.span(t0, time.monotonic())
+            profiles: list[Profiled] = []
+            explains: list[Explained] = []
+            replay = next(t for t in timings if "evidence=True" in t.label).median
+            open_p50 = next(
+                r.load.p50_ms
+                for r in results
+                if r.account == accounts[0].label and f"month={months.open_full}" in r.endpoint
+            )
+            missed = not all(r.met for r in results) or replay / (open_p50 / 1000) < TARGET_SPEEDUP
+            if args.diagnose == "always" or (args.diagnose == "auto" and missed):
+                # After the server stopped, so the profile has the machine to itself.
+                say("diagnosing: cProfile of the slow reads, EXPLAIN ANALYZE of their SQL ...")
+                profiles = profile_reads(url, catalog, accounts[0], months)
+                explains = explain_reads(url, accounts[0], months)
         text, data = render(machine, accounts, months, results, timings, generator, args, run_load)
+        text += render_diagnosis(results, profiles, explains, args.connections)
+        data["diagnosis"] = {
+            "profiles": [asdict(p) for p in profiles],
+            "explains": [asdict(e) for e in explains],
+        }
         data["finished_at"] = datetime.now(UTC).isoformat()
         print(text)
         if args.json:

@@ -1090,8 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
     generator = (
         f"wrk ({wrk}), latency from its histogram"
         if wrk
-        else "PYTHON asyncio/httpx closed loop (no wrk: apt-get install wrk), client CPU "
-        "shares the machine"
+        else "PYTHON asyncio/httpx closed loop "
+        + ("(--python-load)" if args.python_load else "(no wrk: apt-get install wrk)")
+        + ", its CPU shares the machine with the server's: not comparable with wrk's figures"
     )
     if not wrk and not args.python_load:
         say("wrk not found and not installable here; falling back to the Python load generator")

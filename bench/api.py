@@ -358,9 +358,17 @@ class ApiServer:
     log: Path
 
     def cpu_seconds(self) -> float:
-        """The server process's user + system CPU so far (all its threads)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """The server's user + system CPU so far: its process and its workers (children)."""
+        pids = [self.process.pid]
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            pids += [int(p) for p in children.read_text().split()]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -370,7 +378,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def api_server(url: str, work: Path) -> Iterator[ApiServer]:
+def api_server(url: str, work: Path, workers: int = 1) -> Iterator[ApiServer]:
     """``devmeter api`` as production starts it: its own process, the service role's
     connections (derived from the owner URL, as every command but migrate does)."""
     port = free_port()
@@ -387,7 +395,18 @@ def api_server(url: str, work: Path) -> Iterator[ApiServer]:
     log = work / "api.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "devmeter", "api", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "devmeter",
+                "api",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -808,12 +827,19 @@ def explain_reads(url: str, account: Account, months: Months) -> list[Explained]
     """EXPLAIN ANALYZE of metering.usage_model's three queries for the open full month: the
     SQL every usage read runs (read from the module so the plan is of the code measured)."""
     start, end = month_bounds(months.open_full, months.timezone)
-    params = {"account_id": account.account_id, "start": start, "end": end, "instants": [start]}
+    params = {
+        "account_id": account.account_id,
+        "start": start,
+        "end": end,
+        "instants": [start],
+        "tz": months.timezone,
+        "classes": ["lte-m", "wifi", "gateway"],
+    }
     out: list[Explained] = []
     with db(url) as conn:
         for label, query in (
             ("usage_model._CLASSES (classes, opening count)", usage_model._CLASSES),
-            ("usage_model._BUCKETS (the month's buckets)", usage_model._BUCKETS),
+            ("usage_model._DAYS (the month's buckets, by local day)", usage_model._DAYS),
             ("usage_model._STEPS_AT (steps at day starts)", usage_model._STEPS_AT),
         ):
             conn.execute(query, params).fetchall()
@@ -1053,6 +1079,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small-devices", type=int, default=10, help="small account's devices")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="API processes (devmeter api --workers; default: one per core, as in production)",
+    )
     parser.add_argument("--timezone", default="Asia/Tokyo", help="both accounts' time zone")
     parser.add_argument("--repeat", type=int, default=3, help="baseline replays per figure")
     parser.add_argument(
@@ -1144,7 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
             say("baseline (replay) and in-process reads, large account ...")
             timings = baseline(url, catalog, accounts[0], months, args.repeat)
             say("starting devmeter api ...")
-            with api_server(url, work) as api:
+            with api_server(url, work, args.workers) as api:
                 say(f"  serving at {api.base}; signing in to the console ...")
                 for account in accounts:
                     account.cookie = console_cookie(api.base, account.key)

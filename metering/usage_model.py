@@ -39,24 +39,35 @@ WHERE c.account_id = %(account_id)s AND c.first_at < %(end)s
 ORDER BY c.device_class
 """
 
-_BUCKETS: Final = """
-SELECT device_class, bucket, max_count, max_at, count_after
+# Per class and local day of the period: the highest bucket (first in time on a tie) and the
+# count at the day's last step. A month is some 90 rows, whatever the number of devices.
+_DAYS: Final = """
+SELECT device_class,
+       (bucket AT TIME ZONE %(tz)s)::date AS day,
+       max(max_count) AS max_count,
+       (array_agg(max_at ORDER BY max_count DESC, bucket))[1] AS max_at,
+       (array_agg(count_after ORDER BY bucket DESC))[1] AS count_after
 FROM usage_buckets
-WHERE account_id = %(account_id)s AND bucket >= %(start)s AND bucket < %(end)s
-ORDER BY device_class, bucket
+WHERE account_id = %(account_id)s AND device_class = ANY(%(classes)s::text[])
+  AND bucket >= %(start)s AND bucket < %(end)s
+GROUP BY device_class, day
+ORDER BY device_class, day
 """
 
 # Steps exactly at a day's (or the month's) first instant belong to it (M3): the count there is
 # the one after them, not the one before.
 _STEPS_AT: Final = """
 SELECT device_class, time FROM usage_steps
-WHERE account_id = %(account_id)s AND time = ANY(%(instants)s::timestamptz[])
+WHERE account_id = %(account_id)s AND device_class = ANY(%(classes)s::text[])
+  AND time = ANY(%(instants)s::timestamptz[])
 """
 
 
 @dataclass(frozen=True, slots=True)
 class _Bucket:
-    start: datetime
+    """A local day's buckets of one class, folded."""
+
+    day: date
     max_count: int
     max_at: datetime
     count_after: int
@@ -71,24 +82,30 @@ class _Figures:
 
 
 def _load(
-    conn: Conn, account_id: int, start: datetime, end: datetime, instants: Sequence[datetime]
+    conn: Conn,
+    account_id: int,
+    start: datetime,
+    end: datetime,
+    tz: str,
+    instants: Sequence[datetime],
 ) -> _Figures:
-    params = {"account_id": account_id, "start": start, "end": end, "instants": list(instants)}
+    params: dict[str, Any] = {
+        "account_id": account_id,
+        "start": start,
+        "end": end,
+        "tz": tz,
+        "instants": list(instants),
+    }
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(_CLASSES, params).fetchall()
         opening = {r["device_class"]: r["opening"] for r in rows}
         first_at = {r["device_class"]: r["first_at"].astimezone(UTC) for r in rows}
+        params["classes"] = list(opening)
         buckets: dict[str, list[_Bucket]] = {c: [] for c in opening}
-        for r in cur.execute(_BUCKETS, params):
-            if r["device_class"] in buckets:
-                buckets[r["device_class"]].append(
-                    _Bucket(
-                        r["bucket"].astimezone(UTC),
-                        r["max_count"],
-                        r["max_at"].astimezone(UTC),
-                        r["count_after"],
-                    )
-                )
+        for r in cur.execute(_DAYS, params):
+            buckets[r["device_class"]].append(
+                _Bucket(r["day"], r["max_count"], r["max_at"].astimezone(UTC), r["count_after"])
+            )
         stepped = {
             (r["device_class"], r["time"].astimezone(UTC)) for r in cur.execute(_STEPS_AT, params)
         }
@@ -111,7 +128,8 @@ def month_peaks(
 ) -> dict[str, ClassPeak]:
     """Each class's peak over ``[start, end)`` (M2, M3), as ``compute_peaks`` finds it, without
     the devices behind it."""
-    figures = _load(conn, account_id, start, end, [start])
+    # Days in UTC: the grouping only folds rows, the peak is the same in any zone.
+    figures = _load(conn, account_id, start, end, "UTC", [start])
     out: dict[str, ClassPeak] = {}
     for cls, opening in figures.opening.items():
         peak, at = _peak(opening, figures.buckets[cls], start, (cls, start) in figures.stepped)
@@ -141,7 +159,7 @@ def daily(
         day_end = day_end.astimezone(UTC)
         days.append((day, day_start, day_end))
         day, day_start = following, day_end
-    figures = _load(conn, account_id, start, end, [d[1] for d in days])
+    figures = _load(conn, account_id, start, end, tz, [d[1] for d in days])
     out: list[DayUsage] = []
     position = dict.fromkeys(figures.opening, 0)
     count = dict(figures.opening)
@@ -151,7 +169,7 @@ def daily(
             buckets = figures.buckets[cls]
             i = position[cls]
             inside: list[_Bucket] = []
-            while i < len(buckets) and buckets[i].start < day_end:
+            while i < len(buckets) and buckets[i].day <= day:
                 inside.append(buckets[i])
                 i += 1
             position[cls] = i

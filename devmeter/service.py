@@ -321,32 +321,79 @@ def run_api(config: Settings) -> None:
 
 
 def run_api_workers(config: Settings, workers: int) -> None:
-    """``devmeter api --workers N``: N processes on one listening socket (uvicorn's), each with
-    its own connection pool, so reads use every core. Each worker builds the app from the
-    environment; the console's CSRF key is shared through it, so a form rendered by one
-    worker is accepted by another."""
-    import secrets
+    """``devmeter api --workers N``: N processes, each listening on the port itself
+    (SO_REUSEPORT: the kernel spreads connections over them), each with its own connection
+    pool, so reads use every core. Each worker builds the app from the environment; the
+    console's CSRF key is shared through it, so a form rendered by one worker is accepted by
+    another.
 
-    import uvicorn
+    Not uvicorn's own ``workers=``: its supervisor's socket is made without naming the TCP
+    protocol, so asyncio leaves Nagle on for its connections and every response waited some
+    40 ms for the client's delayed ACK (measured: /healthz 44 ms p50 against 1.2 ms).
+    """
+    import multiprocessing
+    import secrets
 
     if config.database_url is None:
         raise ConfigError("--workers needs DEVMETER_DATABASE_URL (no embedded database)")
+    if config.api_port == 0:
+        raise ConfigError("--workers needs a port (DEVMETER_API_PORT or --port), not 0")
     if config.console_secret is None:
         os.environ["DEVMETER_CONSOLE_SECRET"] = secrets.token_urlsafe(32)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    _install_signals(stop)
+    spawn = multiprocessing.get_context("spawn")
+    processes = [
+        spawn.Process(target=_api_worker, args=(config.api_host, config.api_port), name=f"api-{n}")
+        for n in range(workers)
+    ]
+    for process in processes:
+        process.start()
     _say(f"API at http://{config.api_host}:{config.api_port}/v1 with {workers} workers")
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
-        host=config.api_host,
-        port=config.api_port,
-        workers=workers,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        # As serve_in_thread: the app applies DEVMETER_TRUSTED_PROXIES itself.
-        proxy_headers=False,
+    while not stop.wait(0.5):
+        if any(not p.is_alive() for p in processes):
+            log.error("an API worker stopped by itself: stopping the others")
+            break
+    ended_by_itself = not stop.is_set()
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: uvicorn finishes the requests in flight
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    if ended_by_itself:
+        raise SystemExit(1)
+
+
+def _api_worker(host: str, port: int) -> None:
+    """One ``--workers`` process: its own listening socket on the shared port, and the app."""
+    import socket
+
+    import uvicorn
+
+    from api.app import create_app
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto named: asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket says IPPROTO_TCP. Without it every response waited for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            # As serve_in_thread: the app applies DEVMETER_TRUSTED_PROXIES itself.
+            proxy_headers=False,
+        )
     )
+    server.run(sockets=[sock])
 
 
 def run_scheduler(config: Settings) -> None:

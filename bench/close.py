@@ -340,7 +340,8 @@ def generate(url: str, shape: Shape, mode: str) -> dict[str, Any]:
             ) h
             CROSS JOIN LATERAL (
                 SELECT state, time FROM device_state_events e
-                WHERE e.device_id = b.id ORDER BY time DESC, id DESC LIMIT 1
+                WHERE e.account_id = b.account_id AND e.device_id = b.id
+                ORDER BY time DESC, id DESC LIMIT 1
             ) l
             ORDER BY b.n
             """

@@ -68,7 +68,7 @@ class Stream(threading.Thread):
     """Publishes `total` heartbeats over `DEVICES` devices in acknowledged chunks; pausable."""
 
     def __init__(
-        self, url: str, uid: str, total: int, stored: Callable[[], int], chunk: int = 500
+        self, url: str, uid: str, total: int, stored: Callable[[], int], chunk: int = 250
     ) -> None:
         super().__init__(daemon=True)
         self.url, self.uid, self.total, self.chunk = url, uid, total, chunk
@@ -83,10 +83,11 @@ class Stream(threading.Thread):
         try:
             for start in range(0, self.total, self.chunk):
                 self.running.wait(60)
-                # Stay at most ~1,000 messages ahead of storage: a broker holds only so many for
-                # a subscriber that is behind (Mosquitto's default max_queued_messages is 1,000)
-                # and drops the rest, which would test the broker's settings, not the worker.
-                poll(lambda floor=start - 1_000: self.stored() >= floor, 120, "catching up")
+                # Stay at most ~750 messages ahead of storage: a broker holds only so many for
+                # a subscriber that is behind (Mosquitto's default max_queued_messages is 1,000,
+                # beside what is in flight to a worker killed mid-batch) and drops the rest,
+                # which would test the broker's settings and the worker's speed, not the worker.
+                poll(lambda floor=start - 500: self.stored() >= floor, 120, "catching up")
                 infos = []
                 for i in range(start, min(start + self.chunk, self.total)):
                     payload = orjson.dumps(

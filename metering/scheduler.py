@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from devmeter.config import Settings
 from devmeter.db import connect
 from metering.catalog import Catalog
-from metering.statements import close_month, due_months
+from metering.statements import close_month, due_months, sweep_racing
 
 log = logging.getLogger("devmeter.scheduler")
 
@@ -34,8 +34,19 @@ def close_due(
     grace: timedelta,
     on_closed: Callable[[psycopg.Connection[Any], int], None] | None = None,
 ) -> int:
-    """Close every month that is due, oldest first; returns how many statements were made."""
+    """Close every month that is due, oldest first; returns how many statements were made.
+    First notes the events stored around earlier closes (``sweep_racing``), so that reads and
+    this close find them in late_events."""
     with connect_db() as conn:
+        try:
+            swept, noted = sweep_racing(conn)
+        except psycopg.Error:
+            # Reads and closes still find those events among the events: only slower.
+            log.exception("noting the events stored around earlier closes failed")
+            conn.rollback()
+        else:
+            if swept:
+                log.info("noted %d events stored around %d closes as late", noted, swept)
         todo = due_months(conn, now=now, grace=grace)
     made = 0
     for month, refs in todo:

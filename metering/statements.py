@@ -460,23 +460,27 @@ LATE_MARGIN: Final = timedelta(hours=1)
 
 _LATE_EVENTS: Final = """
 WITH last AS (
-    SELECT account_id, max(closed_at) AS closed_at, max(period_end) AS period_end
+    SELECT DISTINCT ON (account_id) id, account_id, closed_at, period_end
     FROM statements
     WHERE account_id = ANY(%(ids)s::bigint[]) AND month < %(month)s
-    GROUP BY account_id
+    ORDER BY account_id, month DESC
 ), noted AS (
-    -- Noted by the trigger on device_state_events as they were stored.
+    -- Noted by the trigger on device_state_events as they were stored (and by sweep_racing).
     SELECT x.account_id, x.event_time AS time
     FROM last l
     JOIN late_events x ON x.account_id = l.account_id
     WHERE x.received_at > l.closed_at - %(margin)s AND x.event_time < l.period_end
+), unswept AS (
+    SELECT * FROM last l
+    WHERE NOT EXISTS (SELECT 1 FROM racing_sweeps r WHERE r.statement_id = l.id)
 ), racing AS (
-    -- Stored while the previous close was committing, before its statement was visible.
+    -- Stored while the previous close was committing, before its statement was visible; looked
+    -- for here only until sweep_racing has noted them.
     SELECT e.account_id, e.time
     FROM device_state_events e
-    JOIN last l USING (account_id)
-    WHERE e.received_at BETWEEN (SELECT min(closed_at) FROM last) - %(margin)s
-                            AND (SELECT max(closed_at) FROM last) + %(margin)s
+    JOIN unswept l USING (account_id)
+    WHERE e.received_at BETWEEN (SELECT min(closed_at) FROM unswept) - %(margin)s
+                            AND (SELECT max(closed_at) FROM unswept) + %(margin)s
       AND e.received_at BETWEEN l.closed_at - %(margin)s AND l.closed_at + %(margin)s
       AND e.time < l.period_end
 )
@@ -484,6 +488,57 @@ SELECT account_id, min(time) AS since
 FROM (SELECT * FROM noted UNION ALL SELECT * FROM racing) late
 GROUP BY account_id
 """
+
+# Statements whose margin has passed and whose racing events are not noted yet: the events
+# received around each close, for the months it closed, go to late_events once. Two sweepers
+# do not note twice: the second waits on the first's racing_sweeps row and then skips it.
+_SWEEP_RACING: Final = """
+WITH due AS (
+    SELECT s.id, s.account_id, s.closed_at, s.period_end
+    FROM statements s
+    WHERE s.closed_at < coalesce(%(now)s, now()) - %(margin)s
+      AND NOT EXISTS (SELECT 1 FROM racing_sweeps r WHERE r.statement_id = s.id)
+    -- Oldest first, so a batch's closes lie close together in received_at.
+    ORDER BY s.closed_at
+    LIMIT %(limit)s
+), found AS (
+    SELECT d.id, e.account_id, e.time, e.received_at
+    FROM due d
+    JOIN device_state_events e ON e.account_id = d.account_id
+    WHERE e.received_at BETWEEN (SELECT min(closed_at) FROM due) - %(margin)s
+                            AND (SELECT max(closed_at) FROM due) + %(margin)s
+      AND e.received_at BETWEEN d.closed_at - %(margin)s AND d.closed_at + %(margin)s
+      AND e.time < d.period_end
+), swept AS (
+    INSERT INTO racing_sweeps (statement_id, noted)
+    SELECT d.id, (SELECT count(*) FROM found f WHERE f.id = d.id) FROM due d
+    ON CONFLICT (statement_id) DO NOTHING
+    RETURNING statement_id
+), noted AS (
+    INSERT INTO late_events (account_id, event_time, received_at)
+    SELECT f.account_id, f.time, f.received_at FROM found f JOIN swept w ON w.statement_id = f.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM swept) AS statements, (SELECT count(*) FROM noted) AS events
+"""
+
+
+def sweep_racing(conn: Conn, *, now: datetime | None = None, limit: int = 200) -> tuple[int, int]:
+    """Note in ``late_events`` the events stored around each close whose margin has passed
+    (LATE_MARGIN after ``closed_at``, by the database's clock unless ``now`` is given), so
+    reads stop looking for them among the events. Returns (statements swept, events noted).
+    Idempotent; the scheduler calls it on every tick until nothing is left."""
+    swept = events = 0
+    while True:
+        with conn.transaction():
+            row = conn.execute(
+                _SWEEP_RACING, {"now": now, "margin": LATE_MARGIN, "limit": limit}
+            ).fetchone()
+        assert row is not None
+        statements, noted = int(row["statements"]), int(row["events"])
+        swept, events = swept + statements, events + noted
+        if statements < limit:
+            return swept, events
 
 
 def _adjustments(

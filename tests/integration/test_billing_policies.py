@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +17,13 @@ from devmeter.errors import ConflictError, InvalidError
 from metering import credits
 from metering.plans import change_plan
 from metering.registry import get_account, register_device, set_device_state
-from metering.statements import close_month, get_statement, get_usage
+from metering.statements import (
+    LATE_MARGIN,
+    close_month,
+    get_statement,
+    get_usage,
+    sweep_racing,
+)
 from tests.conftest import Cli
 from tests.integration.test_close import CATALOG, jst, worked_example
 
@@ -340,4 +346,59 @@ def test_a_late_event_for_a_closed_month_is_an_adjustment_on_the_next_statement(
         (date(2026, 10, 1), corrected, corrected + 1),
         # late-2 was active in November too, which closed with one device fewer.
         (date(2026, 11, 1), november.peaks["lte-m"].peak, november.peaks["lte-m"].peak + 1),
+    ]
+
+
+def test_an_event_stored_while_a_close_commits_is_adjusted_before_and_after_the_sweep(
+    database_url: str, owner_database_url: str, opener: Opener
+) -> None:
+    """The late-event trigger cannot see a statement that commits after the event's
+    transaction looked: such an event is found among the events received around the close
+    until ``sweep_racing`` notes it, and in late_events after; the adjustment is the same."""
+    worked_example(database_url)
+    _october(opener)
+    # Stored as if its transaction had checked for closed months just before October's
+    # statement committed: the trigger that notes late events does not fire.
+    with connect(owner_database_url) as owner, owner.transaction():
+        owner.execute("ALTER TABLE device_state_events DISABLE TRIGGER device_state_events_late")
+        register_device(
+            owner, CATALOG, account_ref="acme", device_class="lte-m", device_id="racer",
+            at=jst(2026, 10, 6),
+        )  # fmt: skip
+        owner.execute("ALTER TABLE device_state_events ENABLE TRIGGER device_state_events_late")
+
+    def adjustments() -> list[tuple[date | None, int | None, int | None]]:
+        with opener() as conn:
+            usage = get_usage(conn, CATALOG, "acme", "2026-11", now=NOV)
+        assert usage.statement is not None
+        return [
+            (x.corrects_month, x.billed_quantity, x.corrected_quantity)
+            for x in usage.statement.lines
+            if x.kind == "adjustment"
+        ]
+
+    with opener() as conn:
+        noted = conn.execute("SELECT count(*) AS n FROM late_events").fetchone()
+    assert noted is not None and noted["n"] == 0
+    assert adjustments() == [(date(2026, 10, 1), 12, 13)]
+
+    with opener() as conn:
+        # Within the margin after the close nothing is swept: such events may still arrive.
+        assert sweep_racing(conn) == (0, 0)
+        later = datetime.now(UTC) + LATE_MARGIN + timedelta(minutes=1)
+        # Every October event stored within the margin of the close is noted (here all of
+        # them: the test stored them seconds before it); looking again is harmless.
+        swept, events = sweep_racing(conn, now=later)
+        assert sweep_racing(conn, now=later) == (0, 0)
+        times = [r["event_time"] for r in conn.execute("SELECT event_time FROM late_events")]
+    assert swept == 1 and events == len(times) > 1
+    assert jst(2026, 10, 6) in times
+    assert adjustments() == [(date(2026, 10, 1), 12, 13)]
+
+    close_month(opener, CATALOG, "2026-11", now=DEC, account_ref="acme")
+    with opener() as conn:
+        november = get_statement(conn, CATALOG, "acme", "2026-11", now=DEC)
+    late = [x for x in november.lines if x.kind == "adjustment"]
+    assert [(x.corrects_month, x.billed_quantity, x.corrected_quantity) for x in late] == [
+        (date(2026, 10, 1), 12, 13)
     ]

@@ -379,7 +379,8 @@ def test_an_event_stored_while_a_close_commits_is_adjusted_before_and_after_the_
 
     with opener() as conn:
         noted = conn.execute("SELECT count(*) AS n FROM late_events").fetchone()
-    assert noted is not None and noted["n"] == 0
+    assert noted is not None
+    assert noted["n"] == 0
     assert adjustments() == [(date(2026, 10, 1), 12, 13)]
 
     with opener() as conn:
@@ -391,7 +392,8 @@ def test_an_event_stored_while_a_close_commits_is_adjusted_before_and_after_the_
         swept, events = sweep_racing(conn, now=later)
         assert sweep_racing(conn, now=later) == (0, 0)
         times = [r["event_time"] for r in conn.execute("SELECT event_time FROM late_events")]
-    assert swept == 1 and events == len(times) > 1
+    assert swept == 1
+    assert events == len(times) > 1
     assert jst(2026, 10, 6) in times
     assert adjustments() == [(date(2026, 10, 1), 12, 13)]
 

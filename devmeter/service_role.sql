@@ -32,13 +32,17 @@ REVOKE INSERT ON devmeter_meta, devmeter_schema_migrations FROM {role};
 GRANT UPDATE ON accounts, devices, device_credentials, api_keys, webhook_deliveries,
     close_failures, console_sessions, idempotency_keys TO {role};
 GRANT DELETE ON close_failures, console_sessions, idempotency_keys TO {role};
--- usage_steps, usage_buckets, usage_classes: the maintained usage figures (migration 0014),
---   derived from the state events by their trigger and rebuilt by bulk writers; not evidence.
+-- usage_steps, usage_buckets, usage_classes (migration 0014), usage_days (0019): the
+--   maintained usage figures, derived from the state events by their trigger and rebuilt by
+--   bulk writers; not evidence.
 --   Granted once they exist: a migrate to an earlier target version stops before them.
 DO $$
 BEGIN
     IF to_regclass('usage_steps') IS NOT NULL THEN
         GRANT UPDATE, DELETE ON usage_steps, usage_buckets, usage_classes TO {role};
+    END IF;
+    IF to_regclass('usage_days') IS NOT NULL THEN
+        GRANT UPDATE, DELETE ON usage_days TO {role};
     END IF;
 END
 $$;

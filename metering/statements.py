@@ -139,14 +139,14 @@ def get_usage(
             end,
             _stored_peaks(conn, stored["id"], evidence=evidence),
             plan=stored["plan"],
-            corrected=_count(conn, account.id, start, end, distinct, evidence),
+            corrected=_count(conn, account, start, end, distinct, evidence),
             statement=_stored_statement(conn, account, month, stored, evidence=evidence),
             distinct=distinct,
         )
     _refuse_future(account, month, start, now)
     plan = plans_at(conn, [account], start)[account.id]
     distinct = _distinct(catalog, plan)
-    classes = _count(conn, account.id, start, end, distinct, evidence)
+    classes = _count(conn, account, start, end, distinct, evidence)
     statement = None
     if priced:
         late = _adjustments(conn, catalog, [account], month, now=now).get(account.id, [])
@@ -176,7 +176,7 @@ def get_usage(
 
 def _count(
     conn: Conn,
-    account_id: int,
+    account: Account,
     start: datetime,
     end: datetime,
     distinct: frozenset[str],
@@ -185,8 +185,8 @@ def _count(
     """Each class's quantity: read from the maintained figures, or replayed from the events
     when the devices behind it are wanted or the plan counts distinct devices (M6)."""
     if evidence or distinct:
-        return peaks(conn, account_id, start, end, distinct=distinct)
-    return usage_model.month_peaks(conn, account_id, start, end)
+        return peaks(conn, account.id, start, end, distinct=distinct)
+    return usage_model.month_peaks(conn, account.id, start, end, account.timezone)
 
 
 def get_statement(

@@ -27,7 +27,7 @@ from metering.peak import ClassPeak
 Conn = psycopg.Connection[Any]
 
 _CLASSES: Final = """
-SELECT c.device_class, c.first_at, coalesce(o.count_after, 0) AS opening
+SELECT c.device_class, c.first_at, c.days_zone, coalesce(o.count_after, 0) AS opening
 FROM usage_classes c
 LEFT JOIN LATERAL (
     SELECT b.count_after FROM usage_buckets b
@@ -51,6 +51,15 @@ FROM usage_buckets
 WHERE account_id = %(account_id)s AND device_class = ANY(%(classes)s::text[])
   AND bucket >= %(start)s AND bucket < %(end)s
 GROUP BY device_class, day
+ORDER BY device_class, day
+"""
+
+# The same rows, kept per local day by the trigger (migration 0019) when the days are in ``tz``.
+_KEPT_DAYS: Final = """
+SELECT device_class, (day AT TIME ZONE %(tz)s)::date AS day, max_count, max_at, count_after
+FROM usage_days
+WHERE account_id = %(account_id)s AND device_class = ANY(%(classes)s::text[])
+  AND day >= %(start)s AND day < %(end)s
 ORDER BY device_class, day
 """
 
@@ -102,7 +111,10 @@ def _load(
         first_at = {r["device_class"]: r["first_at"].astimezone(UTC) for r in rows}
         params["classes"] = list(opening)
         buckets: dict[str, list[_Bucket]] = {c: [] for c in opening}
-        for r in cur.execute(_DAYS, params):
+        kept = (
+            all(r["days_zone"] == tz for r in rows) and _midnight(start, tz) and _midnight(end, tz)
+        )
+        for r in cur.execute(_KEPT_DAYS if kept else _DAYS, params):
             buckets[r["device_class"]].append(
                 _Bucket(r["day"], r["max_count"], r["max_at"].astimezone(UTC), r["count_after"])
             )
@@ -110,6 +122,11 @@ def _load(
             (r["device_class"], r["time"].astimezone(UTC)) for r in cur.execute(_STEPS_AT, params)
         }
     return _Figures(opening, first_at, buckets, stepped)
+
+
+def _midnight(at: datetime, tz: str) -> bool:
+    local = at.astimezone(ZoneInfo(tz))
+    return local == datetime(local.year, local.month, local.day, tzinfo=local.tzinfo)
 
 
 def _peak(
@@ -124,12 +141,12 @@ def _peak(
 
 
 def month_peaks(
-    conn: Conn, account_id: int, start: datetime, end: datetime
+    conn: Conn, account_id: int, start: datetime, end: datetime, tz: str = "UTC"
 ) -> dict[str, ClassPeak]:
     """Each class's peak over ``[start, end)`` (M2, M3), as ``compute_peaks`` finds it, without
-    the devices behind it."""
-    # Days in UTC: the grouping only folds rows, the peak is the same in any zone.
-    figures = _load(conn, account_id, start, end, "UTC", [start])
+    the devices behind it. ``tz``, the account's zone, lets it read the days kept for it; the
+    peak is the same in any zone (days only fold rows)."""
+    figures = _load(conn, account_id, start, end, tz, [start])
     out: dict[str, ClassPeak] = {}
     for cls, opening in figures.opening.items():
         peak, at = _peak(opening, figures.buckets[cls], start, (cls, start) in figures.stepped)

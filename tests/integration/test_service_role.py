@@ -29,7 +29,7 @@ EVIDENCE = (
     "account_status_changes",
 )
 # The maintained usage figures (migration 0014) are derived, not evidence: rebuilt at will.
-USAGE_FIGURES = {"usage_steps", "usage_buckets", "usage_classes"}
+USAGE_FIGURES = {"usage_steps", "usage_buckets", "usage_classes", "usage_days"}
 #: Current state the service legitimately moves (devmeter/service_role.sql says who and why).
 UPDATABLE = {
     "accounts",

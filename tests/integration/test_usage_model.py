@@ -43,7 +43,18 @@ INSTANTS = [
     END + timedelta(days=1),
 ]
 CLASS_OF = {"a1": "lte-m", "a2": "lte-m", "a3": "lte-m", "b1": "wifi", "b2": "wifi"}
-_accounts = itertools.count(9_000_000)
+_accounts = itertools.count(1)
+
+
+def new_account(conn: Conn) -> int:
+    """An account in TZ, so the trigger keeps its days (migration 0019) as for any account."""
+    row = conn.execute(
+        "INSERT INTO accounts (ref, name, plan, country, timezone, signed_up_on)"
+        " VALUES (%s, 'usage model', 'standard', 'JP', %s, '2026-01-01') RETURNING id",
+        (f"usage-model-{next(_accounts)}", TZ),
+    ).fetchone()
+    assert row is not None
+    return int(row["id"])
 
 
 def class_of(device: str) -> str:
@@ -91,12 +102,19 @@ def record(conn: Conn, account_id: int, statements: Recorded) -> list[Event]:
 
 
 def figures(conn: Conn, account_id: int) -> list[tuple[Any, ...]]:
+    """The buckets and the days kept from them, for comparing the trigger's with a rebuild."""
     rows = conn.execute(
         "SELECT device_class, bucket, max_count, max_at, count_after, last_at FROM usage_buckets"
         " WHERE account_id = %s ORDER BY device_class, bucket",
         (account_id,),
     ).fetchall()
-    return [tuple(r.values()) for r in rows]
+    days = conn.execute(
+        "SELECT 'day', device_class, day, max_count, max_at, count_after FROM usage_days"
+        " WHERE account_id = %s ORDER BY device_class, day",
+        (account_id,),
+    ).fetchall()
+    assert bool(days) == bool(rows)
+    return [tuple(r.values()) for r in [*rows, *days]]
 
 
 def without_evidence(peaks: dict[str, Any]) -> dict[str, tuple[int, datetime]]:
@@ -110,12 +128,14 @@ def without_evidence(peaks: dict[str, Any]) -> dict[str, tuple[int, datetime]]:
 )
 @given(statements=recordings)
 def test_maintained_figures_equal_the_replay(conn: Conn, statements: Recorded) -> None:
-    account_id = next(_accounts)
+    account_id = new_account(conn)
     events = record(conn, account_id, statements)
     for start, end in ((START, END), (NOV_START, NOV_END), (START + DAY, START + 2 * DAY)):
         expected = without_evidence(compute_peaks(events, start, end))
-        got = without_evidence(usage_model.month_peaks(conn, account_id, start, end))
-        assert got == expected, (start, statements)
+        # In the account's zone from the days kept; in UTC by folding the buckets.
+        for tz in (TZ, "UTC"):
+            got = without_evidence(usage_model.month_peaks(conn, account_id, start, end, tz))
+            assert got == expected, (start, tz, statements)
     expected_days = daily_usage(events, START, END, TZ)
     assert usage_model.daily(conn, account_id, START, END, TZ) == expected_days
     incremental = figures(conn, account_id)
@@ -126,7 +146,7 @@ def test_maintained_figures_equal_the_replay(conn: Conn, statements: Recorded) -
 def test_a_late_event_moves_only_what_follows_it(conn: Conn) -> None:
     """Ten devices Active through October, then one recorded late as Inactive for a week: the
     peak before it stays, the count during it drops, and nothing after it moves."""
-    account_id = next(_accounts)
+    account_id = new_account(conn)
     devices = [f"d{n}" for n in range(10)]
     record(conn, account_id, [[(START - DAY, d, "active")] for d in devices[:5]])
     record(conn, account_id, [[(START + timedelta(days=2), d, "active")] for d in devices[5:]])
@@ -147,7 +167,7 @@ def test_a_late_event_moves_only_what_follows_it(conn: Conn) -> None:
 
 
 def test_rebuild_matches_on_a_shuffled_fleet(conn: Conn) -> None:
-    account_id = next(_accounts)
+    account_id = new_account(conn)
     rng = random.Random(11)
     devices = [f"x{n}" for n in range(40)]
     rows = [
@@ -162,7 +182,8 @@ def test_rebuild_matches_on_a_shuffled_fleet(conn: Conn) -> None:
     events = record(conn, account_id, [rows[i : i + 7] for i in range(0, len(rows), 7)])
     for start, end in ((START, END), (NOV_START, NOV_END)):
         expected = without_evidence(compute_peaks(events, start, end))
-        assert without_evidence(usage_model.month_peaks(conn, account_id, start, end)) == expected
+        got = usage_model.month_peaks(conn, account_id, start, end, TZ)
+        assert without_evidence(got) == expected
     incremental = figures(conn, account_id)
     conn.execute("SELECT devmeter_usage_rebuild(%s)", (account_id,))
     assert figures(conn, account_id) == incremental

@@ -182,6 +182,11 @@ class CredentialFiles:
         # One salt for the process's lifetime, so an unchanged fleet renders the same bytes.
         self._ingest_hash = self.service_hash(self.ingest_password)
 
+    @property
+    def devices(self) -> int:
+        """Devices in the files (as of the last read)."""
+        return len(self._known or {})
+
     def service_hash(self, password: str) -> str:
         """devmeter's own password as the broker reads it."""
         raise NotImplementedError

@@ -120,6 +120,29 @@ class NatsCredentialSync(CredentialFiles):
     BROKER: ClassVar[str] = "NATS"
 
     file_name: str = AUTH_FILE
+    #: How many servers the last reload signalled (``for_servers``).
+    signalled: int = 0
+
+    @classmethod
+    def for_servers(
+        cls, database_url: str, auth_file: Path, pids: Sequence[str], ingest_password: str
+    ) -> NatsCredentialSync:
+        """Writes ``auth_file`` and reloads the servers ``pids`` names (``signal_reload``)."""
+        made: list[NatsCredentialSync] = []
+
+        def reload() -> None:
+            made[0].signalled = signal_reload(pids)
+
+        made.append(
+            cls(
+                database_url,
+                auth_file.parent,
+                reload=reload,
+                ingest_password=ingest_password,
+                file_name=auth_file.name,
+            )
+        )
+        return made[0]
 
     @property
     def auth_file(self) -> Path:

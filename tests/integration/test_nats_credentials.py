@@ -192,3 +192,32 @@ def test_a_rotation_without_a_bcrypt_hash_drops_the_old_one(database_url: str) -
     after = nats_row(database_url, "acme/d1")
     assert after is not None
     assert after["nats"] is None
+
+
+def test_up_with_jetstream_keeps_the_nats_file_current(database_url: str, tmp_path: Path) -> None:
+    """What `devmeter up` starts when DEVMETER_INGEST_SOURCE=jetstream and the file is set."""
+    import threading
+    from contextlib import ExitStack
+
+    from devmeter.config import Settings
+    from devmeter.service import _start_nats_credentials
+    from tests.integration.test_ingest_worker import poll
+
+    auth_file = tmp_path / "nats" / "devmeter-auth.conf"
+    config = Settings(
+        ingest_source="jetstream",
+        nats_url="nats://devmeter-ingest:ingest-pw@127.0.0.1:1",
+        nats_auth_file=auth_file,
+    )
+    seed_fleet(database_url, [("d1", "lte-m", None)], datetime.now(UTC))
+    stop = threading.Event()
+    with ExitStack() as stack:
+        _start_nats_credentials(config, database_url, stop, stack)
+        stack.callback(stop.set)  # last in, first out: the sync is told to stop, then joined
+        assert '"acme/d1"' in auth_file.read_text()
+        with connect(database_url) as conn, conn.transaction():
+            register_device(
+                conn, load_catalog(), account_ref="acme", device_class="lte-m", device_id="d2",
+                at=datetime.now(UTC),
+            )  # fmt: skip
+        poll(lambda: '"acme/d2"' in auth_file.read_text(), 10, "the registration in the file")

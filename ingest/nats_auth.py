@@ -28,7 +28,6 @@ is rotated. The sync logs how many there are when that number changes, and never
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, LiteralString
+
+import orjson
 
 from ingest.broker_auth import Credential, CredentialFiles
 from ingest.protocol import TOPIC_ROOT, TOPIC_VERSION
@@ -60,35 +61,39 @@ def render_authorization(credentials: Iterable[Credential], services: Mapping[st
     workers') to their passwords or bcrypt hashes.
 
     Written as JSON, which nats.conf reads: quoted strings also keep a bcrypt hash's '$' from
-    being taken for a variable.
+    being taken for a variable. One user per line, each encoded by orjson: ``json.dumps`` with
+    ``indent`` runs in pure Python and took ~4 s of a sync at 100,000 devices.
     """
-    users: list[dict[str, object]] = [
-        {
-            "user": name,
-            "password": secret,
-            "permissions": {
-                # The JetStream API (stream, consumer, pulls) and acknowledgements.
-                "publish": {"allow": ["$JS.API.>", "$JS.ACK.>"]},
-                "subscribe": {"allow": ["_INBOX.>"]},
-            },
-        }
+    # Each user is encoded as soon as it is made: holding 100,000 nested dicts until the end
+    # kept the garbage collector scanning them (1.0 s of a 1.2 s render).
+    lines = [
+        orjson.dumps(
+            {
+                "user": name,
+                "password": secret,
+                "permissions": {
+                    # The JetStream API (stream, consumer, pulls) and acknowledgements.
+                    "publish": {"allow": ["$JS.API.>", "$JS.ACK.>"]},
+                    "subscribe": {"allow": ["_INBOX.>"]},
+                },
+            }
+        ).decode()
         for name, secret in sorted(services.items())
     ]
     for c in sorted(credentials):
         kind = "gateway" if c.is_gateway else "heartbeat"
-        users.append(
-            {
-                "user": c.username,
-                "password": c.password_hash,
-                "permissions": {
-                    "publish": {"allow": [subject_of(c.username, kind)]},
-                    "subscribe": {"deny": [">"]},
-                },
-            }
-        )
-    body = json.dumps({"users": users}, indent=2)
+        user = {
+            "user": c.username,
+            "password": c.password_hash,
+            "permissions": {
+                "publish": {"allow": [subject_of(c.username, kind)]},
+                "subscribe": {"deny": [">"]},
+            },
+        }
+        lines.append(orjson.dumps(user).decode())
+    body = ",\n".join(lines)
     header = "# Written by devmeter (ingest/nats_auth.py); edits are overwritten."
-    return f"{header}\nauthorization {body}\n"
+    return f'{header}\nauthorization {{"users": [\n{body}\n]}}\n'
 
 
 def signal_reload(pids: Sequence[str]) -> int:

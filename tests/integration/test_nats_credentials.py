@@ -123,8 +123,9 @@ def test_a_device_registered_before_0017_waits_for_a_rotation_to_reach_nats(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # The database as a release before 0017 left it, with a device it registered.
-    migrate(empty_database_url, service_password=SERVICE_PASSWORD, target=15)
+    # The database as a release before 0017 left it (0016 is another change's: included once
+    # it exists), with a device that release registered.
+    migrate(empty_database_url, service_password=SERVICE_PASSWORD, target=16)
     catalog = load_catalog()
     with monkeypatch.context() as old_release, connect(empty_database_url) as conn:
         old_release.setitem(registry.Q, "upsert_device_credential", PRE_0017_UPSERT)

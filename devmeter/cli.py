@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -600,25 +601,67 @@ def _device_json(device: Any) -> dict[str, object]:
     }
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option(
     "--config",
     "base_config",
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Mosquitto configuration: listeners, TLS, persistence, limits (not authentication).",
 )
+@click.pass_context
 @reports_errors
-def broker(base_config: Path) -> None:
+def broker(ctx: click.Context, base_config: Path | None) -> None:
     """Run Mosquitto with devices' keys and topic rights from the database (production).
 
     Devices connect with their own key and publish only their own topic; devmeter's ingest logs
     in with the password in DEVMETER_MQTT_URL. A registration or key rotation reaches the broker
-    within about a second; Mosquitto is restarted if it dies. docs/protocol.md.
+    within about a second; Mosquitto is restarted if it dies. docs/protocol.md. With the
+    subcommand `nats`, keep NATS's device users current instead.
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    if base_config is None:
+        raise click.UsageError("Missing option '--config' (or a subcommand: nats).")
     from devmeter.service import run_broker
 
     run_broker(settings(), base_config)
+
+
+@broker.command("nats")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Write the file and reload the servers once, print what was done, and exit.",
+)
+@reports_errors
+def broker_nats(once: bool) -> None:
+    """Keep nats-server's device users and permissions current from the database.
+
+    Writes DEVMETER_NATS_AUTH_FILE (nats.conf includes it: each device may publish its own
+    heartbeat subject, nothing else) and reloads the servers of DEVMETER_NATS_PID_FILE when a
+    registration or key rotation commits, until Ctrl-C. devmeter's ingest is admitted with the
+    password in DEVMETER_NATS_URL. Devices registered before bcrypt hashes were stored reach
+    NATS once their key is rotated; their number is logged.
+    """
+    from devmeter.service import nats_credential_sync, run_nats_credentials
+
+    config = settings()
+    if not once:
+        run_nats_credentials(config)
+        return
+    sync = nats_credential_sync(config, config.service_database_url())
+    started = time.perf_counter()
+    written = sync.sync()
+    emit(
+        {
+            "file": str(sync.auth_file),
+            "devices": sync.devices,
+            "without_nats_hash": sync.unhashed,
+            "written": written,
+            "servers_reloaded": sync.signalled if written else 0,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    )
 
 
 @main.group(invoke_without_command=True)

@@ -127,6 +127,18 @@ class Settings(BaseSettings):
         description="nats://[user:pass@]host:port of the NATS cluster, several comma-separated "
         "(the client moves to another node when one dies)",
     )
+    nats_auth_file: Path | None = Field(
+        default=None,
+        description="the file devmeter keeps nats-server's device users and permissions in "
+        "(include it from nats.conf); set: `devmeter up` with DEVMETER_INGEST_SOURCE=jetstream "
+        "and `devmeter broker nats` keep it current; unset: devmeter writes none",
+    )
+    nats_pid_file: str = Field(
+        default="",
+        description="the nats-server(s) reading DEVMETER_NATS_AUTH_FILE, as pid files (nats.conf "
+        "`pid_file`) or pids, comma-separated: each gets SIGHUP (`nats-server --signal reload`) "
+        "when the file changes",
+    )
     jetstream_stream: str = Field(
         default="DEVMETER_HEARTBEATS",
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
@@ -305,6 +317,18 @@ class Settings(BaseSettings):
                 "`devmeter ingest replay` read from NATS JetStream)"
             )
         return self.nats_url
+
+    @property
+    def nats_pids(self) -> list[str]:
+        return [part.strip() for part in self.nats_pid_file.split(",") if part.strip()]
+
+    def require_nats_auth_file(self) -> Path:
+        if self.nats_auth_file is None:
+            raise ConfigError(
+                "DEVMETER_NATS_AUTH_FILE is not set: name the file nats.conf includes for "
+                "devices' users and permissions"
+            )
+        return self.nats_auth_file
 
     def require_mqtt_url(self) -> str:
         url = self.mqtt_url or self.runtime.get("mqtt_url")

@@ -26,6 +26,7 @@ from devmeter.supervisor import Supervisor
 if TYPE_CHECKING:
     from devmeter.embedded import EmbeddedBroker
     from ingest.jetstream import JetStreamOptions
+    from ingest.nats_auth import NatsCredentialSync
     from ingest.worker import IngestOptions
 
 log = logging.getLogger("devmeter.up")
@@ -92,6 +93,9 @@ def run_up(config: Settings, *, stop: threading.Event | None = None) -> None:
         mqtt_url = config.mqtt_url
         if mqtt_url is None:
             mqtt_url = _start_authenticating_broker(service_url, data_dir, stop, stack, supervisor)
+
+        if config.ingest_source == "jetstream":
+            _start_nats_credentials(config, service_url, stop, stack)
 
         worker_config, worker_mqtt = config, mqtt_url
         supervisor.add(
@@ -180,6 +184,58 @@ def _broker_starter(
         return broker
 
     return start
+
+
+def nats_credential_sync(config: Settings, database_url: str) -> NatsCredentialSync:
+    """The NATS credential sync of DEVMETER_NATS_AUTH_FILE, reloading DEVMETER_NATS_PID_FILE's
+    servers; devmeter's ingest is admitted with the password in DEVMETER_NATS_URL."""
+    from urllib.parse import urlsplit
+
+    from ingest.broker_auth import INGEST_USERNAME
+    from ingest.jetstream import servers
+    from ingest.nats_auth import NatsCredentialSync
+
+    auth_file = config.require_nats_auth_file().resolve()
+    logins = {(u.username, u.password) for u in map(urlsplit, servers(config.require_nats_url()))}
+    password = next((p for user, p in logins if user == INGEST_USERNAME and p), None)
+    if password is None or len(logins) != 1:
+        raise ConfigError(
+            f"DEVMETER_NATS_URL must carry the ingest login, nats://{INGEST_USERNAME}:"
+            "<password>@host:port (the same on every node): NATS admits devmeter's ingest with "
+            "that password"
+        )
+    if len(password.encode()) > 72:
+        raise ConfigError("the ingest password in DEVMETER_NATS_URL: at most 72 bytes (bcrypt)")
+    pids = config.nats_pids
+    if not pids:
+        log.warning(
+            "DEVMETER_NATS_PID_FILE is not set: %s is kept current, but no nats-server is told "
+            "to read it again",
+            auth_file,
+        )
+    return NatsCredentialSync.for_servers(database_url, auth_file, pids, password)
+
+
+def _start_nats_credentials(
+    config: Settings, database_url: str, stop: threading.Event, stack: ExitStack
+) -> None:
+    """`devmeter up` with JetStream ingest: devices' users at NATS kept current, as the
+    embedded Mosquitto's are (only when DEVMETER_NATS_AUTH_FILE names the file)."""
+    if config.nats_auth_file is None:
+        _say(
+            "DEVMETER_INGEST_SOURCE=jetstream without DEVMETER_NATS_AUTH_FILE: devices' users "
+            "at NATS are not kept by devmeter (docs/protocol.md, Credentials at NATS)"
+        )
+        return
+    sync = nats_credential_sync(config, database_url)
+    sync.sync()
+    thread = threading.Thread(target=sync.run, args=(stop,), name="nats-credentials", daemon=True)
+    thread.start()
+    stack.callback(thread.join, 10)
+    _say(
+        f"NATS device users kept in {sync.auth_file} ({len(config.nats_pids)} nats-server(s) "
+        "reloaded on a change)"
+    )
 
 
 class IngestProcess:
@@ -664,5 +720,20 @@ def run_broker(config: Settings, base_config: Path) -> None:
         thread.start()
         stack.callback(thread.join, 10)
         return lambda: True
+
+    _serve(start)
+
+
+def run_nats_credentials(config: Settings) -> None:
+    """``devmeter broker nats``: the NATS credential sync alone, in the foreground (beside each
+    nats-server that includes DEVMETER_NATS_AUTH_FILE)."""
+
+    def start(stack: ExitStack, stop: threading.Event) -> Callable[[], bool]:
+        sync = nats_credential_sync(config, config.service_database_url())
+        thread = threading.Thread(target=sync.run, args=(stop,), name="nats-credentials")
+        thread.start()
+        stack.callback(thread.join, 10)
+        _say(f"keeping {sync.auth_file} current from the database")
+        return thread.is_alive
 
     _serve(start)

@@ -26,7 +26,8 @@ REVOKE INSERT ON devmeter_meta, devmeter_schema_migrations FROM {role};
 -- webhook_deliveries: status, attempts, next_attempt_at (the delivery's own bookkeeping; every
 --   attempt itself is appended to webhook_attempts).
 -- close_failures: a failed close counts its attempts and is removed once the month closes.
--- device_credentials: a device's broker hash, replaced when its key is rotated.
+-- device_credentials: a device's broker hashes (Mosquitto's, NATS's), replaced when its key is
+--   rotated.
 -- console_sessions: last use and sign-out; expired sessions are deleted.
 -- idempotency_keys: a claimed key gets its response; expired keys are deleted.
 GRANT UPDATE ON accounts, devices, device_credentials, api_keys, webhook_deliveries,

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, LiteralString
 
 import psycopg
 
@@ -47,13 +48,6 @@ ACL_FILE = "acl"
 # The oldest transaction still running now: every row a later read could miss was written by
 # it or a younger one (xids of transactions that start later are larger still).
 _SELECT_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
-# Unordered, sorted in Python: the query with ORDER BY on the username built from a join took
-# 1.2 s of a 1.9 s sync at 100,000 devices (docs/benchmarks.md, "Provisioning").
-_SELECT_CREDENTIALS = "SELECT username, password_hash, is_gateway FROM mqtt_device_credentials"
-_SELECT_CREDENTIALS_SINCE = (
-    "SELECT username, password_hash, is_gateway FROM mqtt_device_credentials"
-    " WHERE written_xact >= %s::xid8"
-)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -137,8 +131,12 @@ def render_acl_file(credentials: Iterable[Credential], reader: str = INGEST_USER
 
 
 @dataclass
-class CredentialSync:
-    """Keeps a broker's password and ACL files equal to the database, and reloads it.
+class CredentialFiles:
+    """Keeps a broker's credential files equal to the database, and reloads the broker.
+
+    What both brokers share (Mosquitto: ``CredentialSync`` below; NATS: ingest/nats_auth.py):
+    each reads the devices' credentials from its own view (``username, password_hash,
+    is_gateway, written_xact``) and renders its own files from them with ``render``.
 
     ``run`` waits for NOTIFY on ``devmeter_mqtt_credentials`` (sent when a registration or key
     rotation commits) and also resyncs every ``resync_s``, so a missed notification (database
@@ -146,6 +144,10 @@ class CredentialSync:
     when their content changed. A failing database leaves the last files in place: devices
     already known keep connecting.
     """
+
+    #: The view a subclass reads, and the broker's name in logs.
+    VIEW: ClassVar[LiteralString]
+    BROKER: ClassVar[str]
 
     database_url: str
     directory: Path
@@ -157,37 +159,46 @@ class CredentialSync:
     resync_s: float = 60.0
     #: Several changes committed within this window are written (and reloaded) once.
     debounce_s: float = 0.05
-    #: At least this long between two reloads: Mosquitto serves nothing while it re-reads the
-    #: password file (about a second at 100,000 devices), so a stream of registrations must
-    #: not keep it reloading. The first change after a quiet spell is applied at once.
+    #: At least this long between two reloads: a broker re-reading 100,000 credentials serves
+    #: nothing meanwhile (Mosquitto: about a second), so a stream of registrations must not
+    #: keep it reloading. The first change after a quiet spell is applied at once.
     min_interval_s: float = 1.0
     syncs: int = 0
     reloads: int = 0
     last_sync_s: float = 0.0
+    #: Devices the view lists without a hash this broker reads (NATS: registered before
+    #: migration 0017); left out of the files.
+    unhashed: int = 0
     _last_reload: float = field(default=float("-inf"), repr=False)
     _digest: str = field(default="", repr=False)
     #: What the files hold, by username; None until the first full read.
     _known: dict[str, Credential] | None = field(default=None, repr=False)
+    _unhashed: set[str] = field(default_factory=set, repr=False)
     _horizon: str = field(default="", repr=False)
     _ingest_hash: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         # One salt for the process's lifetime, so an unchanged fleet renders the same bytes.
-        self._ingest_hash = broker_hash(self.ingest_password)
+        self._ingest_hash = self.service_hash(self.ingest_password)
 
     @property
-    def password_file(self) -> Path:
-        return self.directory / PASSWORD_FILE
+    def devices(self) -> int:
+        """Devices in the files (as of the last read)."""
+        return len(self._known or {})
 
-    @property
-    def acl_file(self) -> Path:
-        return self.directory / ACL_FILE
+    def service_hash(self, password: str) -> str:
+        """devmeter's own password as the broker reads it."""
+        raise NotImplementedError
+
+    def render(self, credentials: list[Credential], ingest_hash: str) -> dict[str, str]:
+        """The files' contents by file name, from the credentials sorted by username."""
+        raise NotImplementedError
 
     def write(
         self, conn: psycopg.Connection[tuple[object, ...]] | None = None, *, full: bool = True
     ) -> bool:
-        """Render both files from the database; True when they changed (and were written).
+        """Render the files from the database; True when they changed (and were written).
 
         ``full=False`` reads only the credentials written since the previous read (a
         registration or rotation) and merges them into what the files hold: at 100,000
@@ -203,35 +214,55 @@ class CredentialSync:
             self._read(conn, full=full)
         assert self._known is not None
         credentials = sorted(self._known.values())
-        passwd = render_password_file(credentials, {self.ingest_username: self._ingest_hash})
-        acl = render_acl_file(credentials, self.ingest_username)
-        digest = hashlib.sha256(passwd.encode() + b"\0" + acl.encode()).hexdigest()
+        files = self.render(credentials, self._ingest_hash)
+        digest = hashlib.sha256()
+        for name, text in sorted(files.items()):
+            digest.update(name.encode() + b"\0" + text.encode() + b"\0")
         self.syncs += 1
         self.last_sync_s = time.perf_counter() - started
-        if digest == self._digest:
+        if len(self._unhashed) != self.unhashed:
+            self.unhashed = len(self._unhashed)
+            self._report_unhashed()
+        if digest.hexdigest() == self._digest:
             return False
-        self._replace(self.password_file, passwd)
-        self._replace(self.acl_file, acl)
-        self._digest = digest
+        for name, text in files.items():
+            self._replace(self.directory / name, text)
+        self._digest = digest.hexdigest()
         log.info(
-            "broker credentials written: %d devices (%d gateways) in %.3f s",
+            "%s credentials written: %d devices (%d gateways) in %.3f s",
+            self.BROKER,
             len(credentials),
             sum(c.is_gateway for c in credentials),
             time.perf_counter() - started,
         )
         return True
 
+    def _report_unhashed(self) -> None:
+        """Said when the number of devices without a hash changes (a count, never a key)."""
+        log.warning("%s: %d devices have no hash it reads", self.BROKER, self.unhashed)
+
     def _read(self, conn: psycopg.Connection[tuple[object, ...]], *, full: bool) -> None:
         row = conn.execute(_SELECT_HORIZON).fetchone()
         assert row is not None
         horizon = str(row[0])
+        # Unordered, sorted in Python: the query with ORDER BY on the username built from a
+        # join took 1.2 s of a 1.9 s sync at 100,000 devices (docs/benchmarks.md, Provisioning).
+        select: LiteralString = "SELECT username, password_hash, is_gateway FROM " + self.VIEW
         if full or self._known is None:
-            rows = conn.execute(_SELECT_CREDENTIALS).fetchall()
+            rows = conn.execute(select).fetchall()
             self._known = {}
+            self._unhashed = set()
         else:
-            rows = conn.execute(_SELECT_CREDENTIALS_SINCE, (self._horizon,)).fetchall()
+            since = select + " WHERE written_xact >= %s::xid8"
+            rows = conn.execute(since, (self._horizon,)).fetchall()
         for u, h, g in rows:
-            self._known[str(u)] = Credential(str(u), str(h), bool(g))
+            name = str(u)
+            if h is None:
+                self._known.pop(name, None)
+                self._unhashed.add(name)
+            else:
+                self._unhashed.discard(name)
+                self._known[name] = Credential(name, str(h), bool(g))
         self._horizon = horizon
 
     def sync(
@@ -255,7 +286,7 @@ class CredentialSync:
                     self.sync(conn)
                     self._listen(conn, stop)
             except psycopg.Error as exc:
-                log.warning("broker credential sync: %s; retrying in %.1f s", exc, backoff)
+                log.warning("%s credential sync: %s; retrying in %.1f s", self.BROKER, exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
@@ -287,3 +318,29 @@ class CredentialSync:
                 entry = pwd.getpwnam(self.owner)
                 os.chown(tmp, entry.pw_uid, entry.pw_gid)
         os.replace(tmp, path)
+
+
+@dataclass
+class CredentialSync(CredentialFiles):
+    """Mosquitto's password and ACL files (see the module's docstring); Mosquitto re-reads
+    both on SIGHUP and disconnects clients whose password no longer matches (a rotated key)."""
+
+    VIEW: ClassVar[LiteralString] = "mqtt_device_credentials"
+    BROKER: ClassVar[str] = "broker"
+
+    @property
+    def password_file(self) -> Path:
+        return self.directory / PASSWORD_FILE
+
+    @property
+    def acl_file(self) -> Path:
+        return self.directory / ACL_FILE
+
+    def service_hash(self, password: str) -> str:
+        return broker_hash(password)
+
+    def render(self, credentials: list[Credential], ingest_hash: str) -> dict[str, str]:
+        return {
+            PASSWORD_FILE: render_password_file(credentials, {self.ingest_username: ingest_hash}),
+            ACL_FILE: render_acl_file(credentials, self.ingest_username),
+        }

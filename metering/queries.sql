@@ -69,12 +69,13 @@ UPDATE devices SET key_prefix = %(key_prefix)s, key_hash = %(key_hash)s
 WHERE account_id = %(account_id)s AND id = %(id)s;
 
 -- name: upsert_device_credential
--- The key as the broker checks it; a trigger wakes the broker sync when this commits.
-INSERT INTO device_credentials (account_id, device_id, broker_hash, key_issued_at)
-VALUES (%(account_id)s, %(id)s, %(broker_hash)s, %(at)s)
+-- The key as the brokers check it (Mosquitto's PBKDF2, NATS's bcrypt); a trigger wakes the
+-- broker syncs when this commits.
+INSERT INTO device_credentials (account_id, device_id, broker_hash, nats_hash, key_issued_at)
+VALUES (%(account_id)s, %(id)s, %(broker_hash)s, %(nats_hash)s, %(at)s)
 ON CONFLICT (account_id, device_id)
-DO UPDATE SET broker_hash = EXCLUDED.broker_hash, key_issued_at = EXCLUDED.key_issued_at,
-              written_xact = pg_current_xact_id();
+DO UPDATE SET broker_hash = EXCLUDED.broker_hash, nats_hash = EXCLUDED.nats_hash,
+              key_issued_at = EXCLUDED.key_issued_at, written_xact = pg_current_xact_id();
 
 -- name: select_devices_of_account
 SELECT d.id, d.account_id, a.ref AS account_ref, d.device_class, d.name, d.gateway_id,

@@ -19,7 +19,13 @@ from devmeter.config import validate_timezone
 from devmeter.db import load_queries
 from devmeter.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
 from metering.catalog import Catalog
-from metering.secrets import API_KEY_PREFIX, DEVICE_KEY_PREFIX, broker_hash, new_secret
+from metering.secrets import (
+    API_KEY_PREFIX,
+    DEVICE_KEY_PREFIX,
+    broker_hash,
+    nats_hash,
+    new_secret,
+)
 
 Q = load_queries("metering")
 
@@ -438,9 +444,17 @@ def _insert_event(
 
 
 def _store_credential(conn: Conn, account_id: int, device_id: str, key: str, at: datetime) -> None:
+    # Both brokers' hashes of the one key, in the caller's transaction: a registration or
+    # rotation reaches Mosquitto and NATS together, and never one without the other.
     conn.execute(
         Q["upsert_device_credential"],
-        {"account_id": account_id, "id": device_id, "broker_hash": broker_hash(key), "at": at},
+        {
+            "account_id": account_id,
+            "id": device_id,
+            "broker_hash": broker_hash(key),
+            "nats_hash": nats_hash(key),
+            "at": at,
+        },
     )
 
 

@@ -168,6 +168,20 @@ def test_privileges_are_exactly_what_the_service_needs(database_url: str) -> Non
         assert not owner, table
 
 
+@pytest.mark.parametrize("view", ["mqtt_device_credentials", "nats_device_credentials"])
+def test_the_broker_syncs_read_their_credentials_as_the_service(
+    database_url: str, view: str
+) -> None:
+    """`devmeter broker` and the NATS sync log in as the service role: it reads both views
+    (migrations 0009, 0017). They join three tables, so nobody writes through them."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(sql.SQL("SELECT username, password_hash FROM {}").format(sql.Identifier(view)))
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            conn.execute(
+                sql.SQL("UPDATE {} SET password_hash = password_hash").format(sql.Identifier(view))
+            )
+
+
 @pytest.mark.usefixtures("closed_october")
 def test_no_line_or_peak_after_the_closing_transaction(
     database_url: str, owner_database_url: str

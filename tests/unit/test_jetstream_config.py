@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from devmeter.config import Settings
+from devmeter.errors import ConfigError
+from devmeter.service import nats_credential_sync
 from ingest.broker_auth import Credential
 from ingest.jetstream import (
     JetStreamOptions,
@@ -14,7 +20,7 @@ from ingest.jetstream import (
     stream_config,
     subject_topic,
 )
-from ingest.nats_auth import render_authorization, subject_of
+from ingest.nats_auth import render_authorization, signal_reload, subject_of
 from ingest.processor import device_topic, gateway_topic
 from ingest.protocol import parse_topic
 
@@ -67,3 +73,32 @@ def test_each_device_may_publish_its_own_subject_only() -> None:
     assert users["acme/gw"]["permissions"]["publish"] == {"allow": ["devmeter.v2.acme.gw.gateway"]}
     assert users["devmeter-ingest"]["permissions"]["subscribe"] == {"allow": ["_INBOX.>"]}
     assert subject_of("acme/d1", "heartbeat") == "devmeter.v2.acme.d1.heartbeat"
+
+
+def test_a_reload_signals_each_running_server_by_pid_file_or_pid(tmp_path: Path) -> None:
+    # `sleep` stands in for nats-server: SIGHUP, which nats-server takes as "reload", ends it.
+    servers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        pid_file = tmp_path / "nats.pid"
+        pid_file.write_text(f"{servers[0].pid}\n")
+        sources = [str(pid_file), str(servers[1].pid), str(tmp_path / "not-started.pid")]
+        assert signal_reload(sources) == 2
+        assert [s.wait(10) for s in servers] == [-signal.SIGHUP] * 2
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://127.0.0.1:4222",
+        "nats://someone:pw@127.0.0.1:4222",
+        "nats://devmeter-ingest:pw@a:4222,nats://devmeter-ingest:other@b:4222",
+    ],
+)
+def test_the_nats_sync_needs_the_ingest_login_of_every_node(url: str, tmp_path: Path) -> None:
+    config = Settings(nats_url=url, nats_auth_file=tmp_path / "auth.conf", _env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="must carry the ingest login"):
+        nats_credential_sync(config, "postgresql://unused")

@@ -69,10 +69,10 @@ class Nats:
 
 
 async def _publish(
-    url: str, user: str, key: str, subjects: list[str], sub: str | None
+    url: str, user: str, key: str, subjects: list[str], sub: str | None, expect: int
 ) -> list[str]:
     """Connect as ``user``, publish ``subjects`` in order (and subscribe to ``sub``); the
-    server's asynchronous errors (permissions violations)."""
+    server's asynchronous errors (permissions violations), waiting (bounded) for ``expect``."""
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
@@ -89,15 +89,26 @@ async def _publish(
         # A PING answered means every earlier message was handled; a violation is reported
         # (as -ERR) before that PONG.
         await nc.flush(timeout=5)
+        # ... usually: the server logs the violation, but its -ERR can reach the client after
+        # the PONG (1 run in 3 here), so an expected one is waited for, with a bound.
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(errors) < expect and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
     finally:
         await nc.close()
     return errors
 
 
 def publish(
-    nats_: Nats, user: str, key: str, subjects: list[str], sub: str | None = None
+    nats_: Nats,
+    user: str,
+    key: str,
+    subjects: list[str],
+    sub: str | None = None,
+    *,
+    expect: int = 0,
 ) -> list[str]:
-    return asyncio.run(_publish(nats_.node.url, user, key, subjects, sub))
+    return asyncio.run(_publish(nats_.node.url, user, key, subjects, sub, expect))
 
 
 def refused(nats_: Nats, user: str, key: str) -> bool:
@@ -245,13 +256,13 @@ def _check_rights(nats_: Nats, keys: dict[str, str], database_url: str) -> None:
     poll(lambda: heartbeats_of(database_url, "d1") == 1, 30, "d1's heartbeat in the database")
 
     # Another device's subject: refused, and not in the stream after the fence.
-    errors = publish(nats_, "acme/d1", keys["d1"], [OTHER, OWN])
+    errors = publish(nats_, "acme/d1", keys["d1"], [OTHER, OWN], expect=1)
     assert any("permissions violation" in e.lower() for e in errors), errors
     poll(lambda: heartbeats_of(database_url, "d1") == 2, 30, "the fence")
     assert stream_subjects(nats_) == {OWN: 2}
 
     # Subscribing to anything: refused (NATS checks at SUBSCRIBE).
-    errors = publish(nats_, "acme/d1", keys["d1"], [], sub="devmeter.>")
+    errors = publish(nats_, "acme/d1", keys["d1"], [], sub="devmeter.>", expect=1)
     assert any("permissions violation for subscription" in e.lower() for e in errors), errors
 
     # Wrong key, another device's key, devmeter's identity with a device key: refused.

@@ -82,7 +82,7 @@ def create_app(
     )
     problems.install(app)
     docs.install(app)
-    app.middleware("http")(metrics.measure)
+    app.add_middleware(metrics.Measure)
     if config.env == "production":
         app.middleware("http")(_strict_transport_security)
     # Added last, so outermost: everything inside sees the client's scheme and address. Only

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -33,7 +33,13 @@ class AppState:
     database_metrics: CollectorRegistry
 
 
-def state(request: Request) -> AppState:
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in the
+# thread pool, and each such hop cost a request more than the dependency's own work.
+async def state(request: Request) -> AppState:
+    return app_state_of(request)
+
+
+def app_state_of(request: Request) -> AppState:
     app_state: AppState = request.app.state.devmeter
     return app_state
 
@@ -41,7 +47,7 @@ def state(request: Request) -> AppState:
 def db(request: Request) -> Iterator[Conn]:
     """A pooled connection in autocommit mode: writes open their own ``conn.transaction()``,
     so what a handler commits never depends on when FastAPI runs dependency teardown."""
-    with state(request).pool.connection() as conn:
+    with app_state_of(request).pool.connection() as conn:
         yield conn
 
 
@@ -82,15 +88,15 @@ def principal(conn: DB, credentials: Annotated[Credentials, Security(API_KEY)]) 
 Caller = Annotated[Principal, Depends(principal)]
 
 
-def allowed(permission: str) -> Callable[[Principal], Principal]:
-    def check(caller: Caller) -> Principal:
+def allowed(permission: str) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(caller: Caller) -> Principal:
         caller.require(permission)
         return caller
 
     return check
 
 
-def operator(
+async def operator(
     app_state: State, credentials: Annotated[Credentials, Security(OPERATOR_TOKEN)]
 ) -> None:
     token = credentials.credentials.strip() if credentials else None
@@ -104,7 +110,7 @@ def operator(
         raise UnauthorizedError("missing or wrong operator token", field="authorization")
 
 
-def json_body(request: Request) -> None:
+async def json_body(request: Request) -> None:
     """415 for a body that is not declared JSON, on endpoints that read a JSON body.
 
     Without this FastAPI reads such a body as bytes and answers 422 "Input should be a valid

@@ -15,15 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.rejections import count_by_reason
 
@@ -41,16 +40,36 @@ REJECTED_NAME = "devmeter_rejected_heartbeats"
 REJECTED_HELP = "heartbeats refused by ingest and kept in quarantine (all workers), by reason"
 
 
-async def measure(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    started = time.perf_counter()
-    response = await call_next(request)
-    # The route template, not the path: one series per endpoint, not per device id.
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-    LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
-    return response
+class Measure:
+    """Counts and times every request by route template and status.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
+    the rest of the app in a task of its own and passes the response through memory streams,
+    which cost more than some whole requests (bench/api.py, issue 11)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app raises before it answers
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            # The route template, not the path: one series per endpoint, not per device id.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(scope["method"], route, str(status)).inc()
+            LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
 class RejectedHeartbeats(Collector):

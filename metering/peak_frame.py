@@ -258,6 +258,7 @@ def _frame(
     time = rows["time"].astype(np.int64)
     order = rows["id"].astype(np.int64)
     active = rows["active"].astype(np.bool_)
+    by = replay_order(device, time, order, active)
     peaks = _peaks(
         device=device,
         group_of=dictionary.group_of,
@@ -270,6 +271,7 @@ def _frame(
             if distinct
             else None
         ),
+        by_device=by,
     )
     # Classes in name order, as the pure and SQL paths and stored statements have them.
     for group, peak, peak_at, members in sorted(peaks, key=lambda p: dictionary.groups[p[0]]):
@@ -282,9 +284,7 @@ def _frame(
         )
     end_states: EndStates = {a: [] for a in result}
     if snapshots and len(device):
-        # Each device's last event (replay order: time, id, Inactive after Active) says its
-        # state at the end.
-        by = np.lexsort((~active, order, time, device))
+        # Each device's last event in replay order says its state at the end.
         last = np.ones(len(by), np.bool_)
         last[:-1] = device[by][1:] != device[by][:-1]
         holding = by[last & active[by]]
@@ -293,6 +293,12 @@ def _frame(
             account_id, device_class = dictionary.groups[int(dictionary.group[i])]
             end_states[account_id].append((dictionary.ids[i], device_class))
     return result, end_states
+
+
+def replay_order(device: IntArray, time: IntArray, order: IntArray, active: BoolArray) -> IntArray:
+    """Indices of the events by device, then in replay order (time, id, Inactive after
+    Active)."""
+    return np.lexsort((~active, order, time, device))
 
 
 def _micros(at: datetime) -> int:
@@ -364,6 +370,7 @@ def _peaks(
     active: BoolArray,
     start: int,
     distinct: BoolArray | None = None,
+    by_device: IntArray | None = None,
 ) -> list[tuple[int, int, int, IntArray]]:
     """(group, peak, peak_at, devices at the peak) for every group with an event.
 
@@ -377,8 +384,10 @@ def _peaks(
     if len(device) == 0:
         return []
     # Each device's events in replay order: time, then id (the later-recorded wins, D3), then
-    # Inactive after Active only to settle exact duplicates, as compute_peaks does.
-    by_device = np.lexsort((~active, order, time, device))
+    # Inactive after Active only to settle exact duplicates, as compute_peaks does. The close
+    # passes the order it also reads the end states from.
+    if by_device is None:
+        by_device = replay_order(device, time, order, active)
     device, time, active = device[by_device], time[by_device], active[by_device]
     # History at or before the month's start collapses into its first instant.
     instant = np.maximum(time, start)

@@ -1,8 +1,9 @@
 """Contract periods (issue 12; seeds 003 and 004): terms, deadlines, due dates, proration.
 
-Pure: no database, settings or clock. Instants are timezone-aware; every date rule is read
-in the account's time zone (an IANA name), so a term that spans a DST change is as long as
-the zone says (743 or 745 hours for a month in America/New_York), never 24 h x days.
+Pure: no database, settings or clock. Instants are timezone-aware (those computed here are
+returned in UTC); every date rule is read in the account's time zone (an IANA name), so a
+term that spans a DST change is as long as the zone says (743 or 745 hours for a month in
+America/New_York), never 24 h x days.
 
 Two policies, because the two source pages differ:
 
@@ -103,13 +104,14 @@ def _aware(at: datetime, what: str = "instant") -> datetime:
 
 
 def _local_instant(year: int, month: int, day: int, wall: time, tz: str) -> datetime:
-    """``year-month-day`` at the local ``wall`` time, as an instant in ``tz``.
+    """``year-month-day`` at the local ``wall`` time, as an instant (in UTC).
 
-    Through UTC and back: a wall time a DST change skips (fold=0 reads it at the offset before
-    the change) comes out as the same distance after the change, i.e. at or after the gap.
+    A wall time a DST change skips is read at the offset before the change (fold=0), which
+    puts it as far after the gap as it was into it. In UTC, because aware datetimes that
+    share a tzinfo compare and subtract by wall time, fold ignored: in the hour a DST end
+    repeats, two instants would compare equal.
     """
-    local = datetime.combine(date(year, month, day), wall, tzinfo=zone(tz))
-    return local.astimezone(UTC).astimezone(zone(tz))
+    return datetime.combine(date(year, month, day), wall, tzinfo=zone(tz)).astimezone(UTC)
 
 
 def local_date(at: datetime, tz: str) -> date:

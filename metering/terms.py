@@ -477,7 +477,7 @@ class Simulation:
         # The new length must be one the plan sells (an annual price), whatever it costs.
         values = request.values or (
             self.value(self.content, self.length),
-            self.value(self._latest_content(), to),
+            self.value(self.latest_content(), to),
         )
         if self.policy == "calendar":
             effect = request.effect or self._wait(request.at)
@@ -554,7 +554,9 @@ class Simulation:
                 field=what,
             )
 
-    def _latest_content(self) -> Content:
+    def latest_content(self) -> Content:
+        """The content a new change starts from: what waits for a term's end, else what is
+        in force."""
         waiting = self._waiting("change")
         return (waiting.request.content or self.content) if waiting else self.content
 

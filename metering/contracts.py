@@ -711,6 +711,107 @@ def _follow_plan(conn: Conn, account: Account, contract: Contract, sim: Simulati
         previous = plan
 
 
+# --- the month's statement -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MonthTerms:
+    """What a contract makes of a month's statement (metering.statements prices it)."""
+
+    #: The contract's plan at the month's first instant; None when no term had begun by then
+    #: (the month's plan is then the account's, SPEC P6).
+    plan: str | None
+    #: Committed devices per class, billed in advance: the month bills the peak above them.
+    commitments: dict[str, int]
+
+
+def month_terms(
+    conn: Conn, catalog: Catalog, accounts: Sequence[Account], start: datetime, end: datetime
+) -> dict[int, MonthTerms]:
+    """For each account with a contract in force at some instant of ``[start, end)``: the plan
+    and the committed devices its statement is priced with. Its fee and commitments are paid
+    by charges, so such a month has no base fee line (metering.pricing.price_month).
+
+    The commitments that count are the ones paid for during the month: calendar, those in
+    force at its first instant (an increase is charged from the next 1st, a free period pays
+    for none); anniversary, the largest in force at any instant of it (each was paid for,
+    pro rata, from the instant it took effect).
+    """
+    found: dict[int, MonthTerms] = {}
+    # One query for the whole close: most accounts have no contract and cost nothing more.
+    with conn.cursor(row_factory=dict_row) as cur:
+        holders = {
+            r["account_id"]
+            for r in cur.execute(
+                "SELECT DISTINCT account_id FROM contracts"
+                " WHERE account_id = ANY(%s::bigint[]) AND started_at < %s",
+                ([a.id for a in accounts], end),
+            )
+        }
+    for account in accounts:
+        if account.id not in holders:
+            continue
+        plan: str | None = None
+        committed: dict[str, int] = {}
+        in_force = False
+        for contract in _contracts(conn, account.id):
+            if contract.started_at >= end:
+                continue
+            whole = _replay(catalog, contract, end)
+            if whole.ended_at is not None and whole.ended_at <= start:
+                continue
+            in_force = True
+            contents = _contents_in(catalog, contract, start, end)
+            if contents.at_start is not None:
+                plan = contents.at_start.plan
+            for content in contents.paid:
+                for device_class, count in content.commitments:
+                    committed[device_class] = max(committed.get(device_class, 0), count)
+        if in_force:
+            found[account.id] = MonthTerms(plan, committed)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _MonthContents:
+    at_start: Content | None
+    paid: tuple[Content, ...]
+
+
+def _contents_in(
+    catalog: Catalog, contract: Contract, start: datetime, end: datetime
+) -> _MonthContents:
+    if contract.started_at <= start:
+        sim = _replay(catalog, contract, start)
+        running = sim.ended_at is None
+    else:
+        # Started within the month: from its start (an anniversary term begins at once).
+        sim = Simulation(
+            contract.policy,
+            contract.timezone,
+            contract.currency,
+            _pricer(catalog),
+            contract.requests[0],
+        )
+        running = False
+    at_start = sim.content if running else None
+    if contract.policy == "calendar":
+        return _MonthContents(at_start, (sim.content,) if running and sim.begun else ())
+    paid = [sim.content] if running or sim.begun else []
+    last = end - timedelta(microseconds=1)
+    for request in contract.requests[1:]:
+        if start < request.at < end:
+            sim.advance(request.at)
+            if sim.ended_at is None:
+                paid.append(sim.content)
+                sim.apply(request)
+                paid.append(sim.content)
+    sim.advance(last)
+    if sim.ended_at is None:
+        paid.append(sim.content)
+    return _MonthContents(at_start, tuple(paid))
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ the only rounding is the explicit one in `round_money`, with the rule named by t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import (
     ROUND_DOWN,
@@ -40,13 +40,14 @@ __all__ = [
     "format_money",
     "price_class",
     "price_month",
+    "price_overage",
     "round_money",
     "tax_amount",
 ]
 
 # "adjustment" is reserved for late heartbeats that change a closed month (SPEC C2); the
 # close service creates those lines, this module never does.
-LineKind = Literal["usage", "base_fee", "discount", "adjustment"]
+LineKind = Literal["usage", "base_fee", "discount", "adjustment", "overage"]
 
 # Precision far beyond any bill; with Inexact trapped, exceeding it is an error, not a rounding.
 _EXACT: Final = Context(
@@ -257,18 +258,95 @@ def _flat_line(
     ]
 
 
+def price_overage(
+    device_class: str, pricing: ClassPricing, quantity: int, committed: int, currency: str
+) -> list[Line]:
+    """Overage lines (issue 12): the units of a month's ``quantity`` above the ``committed``
+    devices a contract bills in advance, priced from commitment + 1.
+
+    Graduated: each unit above the commitment at the price of the tier it falls in, with the
+    flat amount of each tier the overage enters (the commitment paid for the tiers it
+    reached). Volume: every unit above the commitment at the tier the whole quantity
+    reaches, with that tier's flat amount if the commitment alone did not reach it.
+    """
+    if isinstance(committed, bool) or not isinstance(committed, int) or committed < 0:
+        raise InvalidError(
+            f"committed devices for {device_class!r} must be a whole number >= 0", field="commit"
+        )
+    if committed == 0:
+        return [
+            replace(line, kind="overage")
+            for line in price_class(device_class, pricing, quantity, currency)
+        ]
+    price_class(device_class, pricing, quantity, currency)  # the same refusals
+    if quantity <= committed:
+        return []
+    bounds = _tier_bounds(pricing.tiers)
+    lines: list[Line] = []
+    for index, (first, last, tier) in enumerate(bounds, start=1):
+        reached = last is None or quantity <= last
+        if pricing.mode == "volume":
+            if not reached:
+                continue
+            units = quantity - committed
+            span = f"{committed + 1}{_EN_DASH}{quantity}"
+            flat = committed < first
+        else:
+            low = max(first, committed + 1)
+            high = quantity if last is None else min(last, quantity)
+            if low > high:
+                continue
+            units = high - low + 1
+            span = f"{low}{_EN_DASH}{high}"
+            flat = first > committed
+        with localcontext(_EXACT):
+            amount = round_money(units * tier.price, currency)
+        price = format_money(tier.price, currency)
+        lines.append(
+            Line(
+                kind="overage",
+                device_class=device_class,
+                description=f"{device_class} {span} {_TIMES} {price} above {committed} committed",
+                quantity=units,
+                unit_price=tier.price,
+                amount=amount,
+                tier=index,
+                tier_from=first,
+                tier_to=last,
+            )
+        )
+        if flat:
+            lines.extend(
+                replace(line, kind="overage")
+                for line in _flat_line(device_class, tier, index, first, last, currency)
+            )
+        if pricing.mode == "volume" or reached:
+            break
+    return lines
+
+
 def class_amount(device_class: str, pricing: ClassPricing, quantity: int, currency: str) -> Decimal:
     """The class's monthly amount at ``quantity`` units: the sum of its priced lines."""
     lines = price_class(device_class, pricing, quantity, currency)
     return round_money(sum((line.amount for line in lines), Decimal(0)), currency)
 
 
-def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool = False) -> Priced:
+def price_month(
+    plan: Plan,
+    peaks: Mapping[str, int],
+    *,
+    signup_month_free: bool = False,
+    commitments: Mapping[str, int] | None = None,
+) -> Priced:
     """Lines and subtotal (tax-excluded, SPEC P2) for one month's peak per device class.
 
     `signup_month_free` is the caller's decision (plan.free_signup_month and this is the
     sign-up month, SPEC P5); it adds a discount line that brings the subtotal to 0, so the
     statement still shows what the month would have cost.
+
+    `commitments` (issue 12) is given for a month under a contract: its fee and committed
+    devices are billed in advance as charges, so the month has no base fee line, and a class
+    with committed devices bills only the peak above them (overage lines).
     """
     unknown = sorted(cls for cls in peaks if cls not in plan.classes)
     if unknown:
@@ -279,7 +357,7 @@ def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool
         )
     currency = plan.currency
     lines: list[Line] = []
-    if plan.base_fee > 0:
+    if plan.base_fee > 0 and commitments is None:
         fee = round_money(plan.base_fee, currency)
         lines.append(
             Line(
@@ -293,9 +371,14 @@ def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool
         )
     # Sorted so a statement (and its export checksum) does not depend on dict order.
     for device_class in sorted(peaks):
-        lines.extend(
-            price_class(device_class, plan.classes[device_class], peaks[device_class], currency)
-        )
+        pricing = plan.classes[device_class]
+        committed = (commitments or {}).get(device_class, 0)
+        if committed > 0:
+            lines.extend(
+                price_overage(device_class, pricing, peaks[device_class], committed, currency)
+            )
+        else:
+            lines.extend(price_class(device_class, pricing, peaks[device_class], currency))
     if signup_month_free:
         discount = _subtotal(lines, currency).copy_negate()
         lines.append(

@@ -1,0 +1,153 @@
+"""Contracts around the month close (issue 12): a month under a contract bills the peak above
+its committed devices and no base fee; charges are taxed one by one (P3) and paid by credit
+points (P4); the scheduler's job issues them once."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+
+from devmeter.db import connect
+from metering import contracts, credits
+from metering.catalog import Catalog, parse_catalog
+from metering.registry import create_account, get_account, register_device
+from metering.statements import close_month, get_statement, get_usage
+from tests.integration.test_contracts_cli import CATALOG as CATALOG_TOML
+
+Opener = Callable[[], psycopg.Connection[Any]]
+CATALOG: Catalog = parse_catalog(tomllib.loads(CATALOG_TOML), "contracts.toml")
+JST = ZoneInfo("Asia/Tokyo")
+
+
+def jst(*args: int) -> datetime:
+    return datetime(*args, tzinfo=JST)  # type: ignore[misc]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def opener(database_url: str) -> Opener:
+    return lambda: connect(database_url)
+
+
+def fleet(opener: Opener, plan: str, signed_up: date, devices: int, at: datetime) -> None:
+    with opener() as conn, conn.transaction():
+        create_account(
+            conn,
+            CATALOG,
+            ref="acme",
+            name="ACME",
+            plan=plan,
+            country="JP",
+            timezone="Asia/Tokyo",
+            signed_up_on=signed_up,
+        )
+        for n in range(1, devices + 1):
+            register_device(
+                conn, CATALOG, account_ref="acme", device_class="lte-m", device_id=f"d{n}", at=at
+            )
+
+
+def start(opener: Opener, term: str, at: datetime, **commit: int) -> dict[str, Any]:
+    with opener() as conn, conn.transaction():
+        return contracts.start(
+            conn,
+            CATALOG,
+            get_account(conn, "acme"),
+            term=term,
+            commitments={k.replace("_", "-"): v for k, v in commit.items()},
+            at=at,
+            now=now(),
+            requested_by="test",
+        )
+
+
+def close(opener: Opener, month: str) -> list[tuple[str, str | None, int, str]]:
+    report = close_month(opener, CATALOG, month, now=now(), account_ref="acme")
+    assert report.closed == ["acme"], report
+    with opener() as conn:
+        statement = get_statement(conn, CATALOG, "acme", month, now=now())
+    return [(x.kind, x.device_class, x.quantity, str(x.amount)) for x in statement.lines]
+
+
+def test_a_calendar_month_bills_the_peak_above_the_commitment(opener: Opener) -> None:
+    fleet(opener, "cal", date(2017, 9, 1), 12, jst(2017, 9, 20))
+    start(opener, "annual", jst(2017, 9, 15), lte_m=10)
+    # September is the free period: no term, nothing committed, no base fee; usage as ever.
+    assert close(opener, "2017-09") == [
+        ("usage", "lte-m", 10, "1000"),
+        ("usage", "lte-m", 2, "160"),
+    ]
+    # October: the first term's 10 devices are paid for; the 11th and 12th are overage, at the
+    # tier they fall in (80 above 10).
+    assert close(opener, "2017-10") == [("overage", "lte-m", 2, "160")]
+    with opener() as conn, conn.transaction():
+        contracts.change(
+            conn,
+            CATALOG,
+            get_account(conn, "acme"),
+            plan=None,
+            commitments={"lte-m": 12},
+            at=jst(2017, 11, 20),
+            now=now(),
+            requested_by="test",
+        )
+    # November's commitment is October's: the increase is paid from 1 December.
+    assert close(opener, "2017-11") == [("overage", "lte-m", 2, "160")]
+    assert close(opener, "2017-12") == []
+    with opener() as conn:
+        usage = get_usage(conn, CATALOG, "acme", "2018-01", now=now())
+    assert usage.statement is not None
+    assert usage.statement.subtotal == Decimal(0)
+
+
+def test_an_anniversary_month_counts_the_largest_commitment_paid_in_it(opener: Opener) -> None:
+    fleet(opener, "ann", date(2020, 10, 1), 8, jst(2020, 10, 1))
+    start(opener, "monthly", jst(2020, 10, 13), lte_m=5)
+    # Paid for from 13 October: October bills 3 above 5, and no base fee.
+    assert close(opener, "2020-10") == [("overage", "lte-m", 3, "300")]
+
+
+def test_charges_are_taxed_one_by_one_and_paid_by_credit_points(opener: Opener) -> None:
+    fleet(opener, "cal", date(2019, 8, 1), 0, jst(2019, 8, 1))
+    with opener() as conn, conn.transaction():
+        credits.grant(
+            conn,
+            get_account(conn, "acme"),
+            points=1500,
+            reason="test",
+            expires_on=None,
+            at=now(),
+            now=now(),
+        )
+    start(opener, "monthly", jst(2019, 8, 10))
+    report = contracts.issue(opener, CATALOG, until=jst(2019, 11, 1), now=now())
+    issued = [
+        (c["issued_on"], c["tax_rate"], c["tax"], c["credits_applied"], c["amount_due"])
+        for c in report.issued
+    ]
+    assert issued == [
+        # September's term starts before the rate change: 8 %; October's after it: 10 %.
+        (date(2019, 9, 1), "0.08", "80", "1080", "0"),
+        (date(2019, 10, 1), "0.10", "100", "420", "680"),
+        (date(2019, 11, 1), "0.10", "100", "0", "1100"),
+    ]
+    with opener() as conn:
+        balance = credits.balance(conn, get_account(conn, "acme"), "JPY", now=now())
+    assert balance.points == 0
+    assert [(e.kind, e.points) for e in balance.ledger] == [
+        ("grant", 1500),
+        ("use", -1080),
+        ("use", -420),
+    ]
+    # Issued once: a second run finds nothing due.
+    assert contracts.issue(opener, CATALOG, until=jst(2019, 11, 1), now=now()).issued == []

@@ -227,6 +227,7 @@ def start(
     at: datetime,
     now: datetime,
     requested_by: str,
+    on_issued: Callable[[Conn, int], None] | None = None,
 ) -> dict[str, Any]:
     """Start a contract on the account's plan at ``at`` (not in the future).
 
@@ -262,7 +263,7 @@ def start(
         ).fetchone()
     assert row is not None
     saved = _save(conn, row["id"], request, requested_by)
-    issued = _issue_account(conn, catalog, account, until=at, now=now)
+    issued = _issue_account(conn, catalog, account, until=at, now=now, on_issued=on_issued)
     contract = _contracts(conn, account.id)[-1]
     return _request_document(catalog, account, contract, saved, True, issued, [], at)
 
@@ -278,6 +279,7 @@ def change(
     now: datetime,
     requested_by: str,
     dry_run: bool = False,
+    on_issued: Callable[[Conn, int], None] | None = None,
 ) -> dict[str, Any]:
     """Change the contract's plan or committed devices (those not named stay as they are).
 
@@ -314,7 +316,17 @@ def change(
                 )
         return Request(_UNSAVED, "change", at, content=Content.of(target.name, merged))
 
-    return _request(conn, catalog, account, build, at=at, now=now, by=requested_by, dry_run=dry_run)
+    return _request(
+        conn,
+        catalog,
+        account,
+        build,
+        at=at,
+        now=now,
+        by=requested_by,
+        dry_run=dry_run,
+        on_issued=on_issued,
+    )
 
 
 def switch_term(
@@ -327,6 +339,7 @@ def switch_term(
     now: datetime,
     requested_by: str,
     dry_run: bool = False,
+    on_issued: Callable[[Conn, int], None] | None = None,
 ) -> dict[str, Any]:
     """Switch between monthly and annual terms (calendar: at a term's end; anniversary: now)."""
     length = _check_term(term)
@@ -339,6 +352,7 @@ def switch_term(
         now=now,
         by=requested_by,
         dry_run=dry_run,
+        on_issued=on_issued,
     )
 
 
@@ -352,6 +366,7 @@ def cancel(
     now: datetime,
     requested_by: str,
     dry_run: bool = False,
+    on_issued: Callable[[Conn, int], None] | None = None,
 ) -> dict[str, Any]:
     """Cancel at the earliest term end, or at the first term end after month ``end_after``."""
     last_month = _parse_month(end_after) if end_after is not None else None
@@ -364,6 +379,7 @@ def cancel(
         now=now,
         by=requested_by,
         dry_run=dry_run,
+        on_issued=on_issued,
     )
 
 
@@ -387,6 +403,7 @@ def _request(
     now: datetime,
     by: str,
     dry_run: bool,
+    on_issued: Callable[[Conn, int], None] | None,
 ) -> dict[str, Any]:
     at = _check_at(at, now)
     _lock(conn, account)
@@ -416,7 +433,7 @@ def _request(
     issued: list[dict[str, Any]] = []
     if outcome.changed and not dry_run:
         saved = _save(conn, contract.id, outcome.request, by)
-        issued = _issue_account(conn, catalog, account, until=at, now=now)
+        issued = _issue_account(conn, catalog, account, until=at, now=now, on_issued=on_issued)
         contract = _contracts(conn, account.id)[-1]
     quote = [
         _charge_document(

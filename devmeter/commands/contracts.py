@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
@@ -27,6 +27,11 @@ from devmeter.cli import (
     transaction,
 )
 from devmeter.errors import InvalidError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from devmeter.config import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,6 +67,12 @@ def _commit() -> Callable[[Callable[P, R]], Callable[P, R]]:
         help="Committed devices of a class, billed in advance with each term (repeatable; "
         "N=0 removes the class's commitment).",
     )
+
+
+def _outbox(config: Settings) -> Callable[[psycopg.Connection[Any], int], None] | None:
+    from metering.scheduler import charge_outbox
+
+    return charge_outbox(config.webhook_url)
 
 
 def _parse_commits(values: tuple[str, ...]) -> dict[str, int]:
@@ -113,6 +124,7 @@ def contracts_start(account_ref: str, term: str, commits: tuple[str, ...], at: s
                 at=_local_instant("--at", at, account.timezone),
                 now=_now(),
                 requested_by="cli",
+                on_issued=_outbox(config),
             )
         )
 
@@ -148,6 +160,7 @@ def contracts_change(
                 at=_local_instant("--at", at, account.timezone),
                 now=_now(),
                 requested_by="cli",
+                on_issued=_outbox(config),
                 dry_run=dry_run,
             )
         )
@@ -180,6 +193,7 @@ def contracts_switch_term(account_ref: str, term: str, at: str | None, dry_run: 
                 at=_local_instant("--at", at, account.timezone),
                 now=_now(),
                 requested_by="cli",
+                on_issued=_outbox(config),
                 dry_run=dry_run,
             )
         )
@@ -220,6 +234,7 @@ def contracts_cancel(
                 at=_local_instant("--at", at, account.timezone),
                 now=_now(),
                 requested_by="cli",
+                on_issued=_outbox(config),
                 dry_run=dry_run,
             )
         )
@@ -280,6 +295,7 @@ def charges_issue(until: str, account_ref: str | None) -> None:
     back-fill and tests; two issuers of the same charge make one."""
     from devmeter.db import connect
     from metering import contracts as service
+    from metering.scheduler import charge_outbox
 
     config = settings()
     url = config.service_database_url()
@@ -291,6 +307,7 @@ def charges_issue(until: str, account_ref: str | None) -> None:
         until=instant.replace(tzinfo=None) if naive else instant,
         now=_now(),
         account_ref=account_ref,
+        on_issued=charge_outbox(config.webhook_url),
     )
     emit(
         {

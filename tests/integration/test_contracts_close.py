@@ -4,9 +4,10 @@ points (P4); the scheduler's job issues them once."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -14,12 +15,19 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
+from devmeter.config import Settings
 from devmeter.db import connect
-from metering import contracts, credits
+from metering import contracts, credits, webhook
 from metering.catalog import Catalog, parse_catalog
+from metering.export import export_month
 from metering.registry import create_account, get_account, register_device
+from metering.scheduler import build_scheduler, charge_outbox, issue_due
 from metering.statements import close_month, get_statement, get_usage
+from metering.webhook import deliver_due, enqueue_charge, verify
+from tests.integration.conftest import Receiver
 from tests.integration.test_contracts_cli import CATALOG as CATALOG_TOML
+from tests.integration.test_ingest_worker import count, poll
+from tests.integration.test_webhook import SECRET
 
 Opener = Callable[[], psycopg.Connection[Any]]
 CATALOG: Catalog = parse_catalog(tomllib.loads(CATALOG_TOML), "contracts.toml")
@@ -151,3 +159,103 @@ def test_charges_are_taxed_one_by_one_and_paid_by_credit_points(opener: Opener) 
     ]
     # Issued once: a second run finds nothing due.
     assert contracts.issue(opener, CATALOG, until=jst(2019, 11, 1), now=now()).issued == []
+
+
+def test_the_scheduler_issues_charges_on_its_own_and_two_issue_once(
+    opener: Opener, database_url: str
+) -> None:
+    fleet(opener, "ann", date(2020, 10, 1), 0, jst(2020, 10, 1))
+    with opener() as conn, conn.transaction():
+        # Started without issuing (as if the instant were still to come): the job issues it.
+        conn.execute(
+            "INSERT INTO contracts (account_id, policy, currency, timezone, started_at)"
+            " SELECT id, 'anniversary', 'JPY', 'Asia/Tokyo', %s FROM accounts",
+            (jst(2020, 10, 13),),
+        )
+        conn.execute(
+            "INSERT INTO contract_changes (contract_id, kind, requested_at, effect, term, plan,"
+            " commitments, requested_by) SELECT id, 'start', started_at, 'now', 'annual', 'ann',"
+            " '{}', 'test' FROM contracts"
+        )
+    assert issue_due(opener, CATALOG, now=jst(2021, 10, 13)) == 2
+    assert issue_due(opener, CATALOG, now=jst(2021, 10, 13)) == 0
+    config = Settings(scheduler_interval_s=1)
+    scheduler = build_scheduler(config, CATALOG, database_url)
+    scheduler.start()
+    try:
+        # The annual terms from 2020 to now (2022's at least), each once.
+        poll(
+            lambda: count(database_url, "SELECT count(*) FROM charges") >= 3,
+            30,
+            "the scheduler to renew the annual terms",
+        )
+    finally:
+        scheduler.shutdown(wait=True)
+    assert count(database_url, "SELECT count(DISTINCT key) - count(*) FROM charges") == 0
+
+
+def test_charges_go_to_the_webhook_and_into_the_months_export(
+    opener: Opener, receiver: Receiver
+) -> None:
+    fleet(opener, "ann", date(2020, 10, 1), 3, jst(2020, 10, 1))
+    start(opener, "monthly", jst(2020, 10, 13))
+    hook = charge_outbox(receiver.url)
+    report = contracts.issue(opener, CATALOG, until=jst(2020, 11, 13), now=now(), on_issued=hook)
+    assert [c["issued_on"] for c in report.issued] == [date(2020, 11, 13)]
+    # The start's own charge was issued without the hook: queue it as its issuer would have.
+    with opener() as conn, conn.transaction():
+        enqueue_charge(conn, int(report.issued[0]["id"]) - 1, receiver.url)
+    sent = deliver_due(opener, secret=SECRET, now=lambda: now() + timedelta(seconds=5), timeout_s=5)
+    assert sent.delivered == 2
+    bodies = sorted(
+        ((json.loads(r.body), r.headers) for r in receiver.requests),
+        key=lambda sent: int(sent[0]["charge_id"]),
+    )
+    keys = {headers["Idempotency-Key"] for _, headers in bodies}
+    ids = {body["charge_id"] for body, _ in bodies}
+    assert keys == {f"dmcharge-acme-{n}" for n in ids}
+    for body, headers in bodies:
+        assert verify(
+            SECRET,
+            headers["X-Devmeter-Signature"],
+            json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n",
+            now=int(now().timestamp()),
+        )
+        assert (body["kind"], body["amount"], body["tax"]) == ("term_fee", "1000", "100")
+    with opener() as conn:
+        listed = webhook.list_deliveries(conn, account_ref="acme", month="2020-11")
+    assert [(d.status, d.charge, d.month) for d in listed] == [
+        ("delivered", report.issued[0]["id"], "2020-11")
+    ]
+
+    # The months' exports: November has the account's statement, then its charge.
+    for month in ("2020-10", "2020-11"):
+        close_month(opener, CATALOG, month, now=now(), account_ref="acme")
+    with opener() as conn:
+        november = export_month(conn, "2020-11", "jsonl")
+        csv = export_month(conn, "2020-11", "csv")
+    rows = [json.loads(line) for line in november.body.splitlines()]
+    assert november.layout == csv.layout == 3
+    assert [(r["kind"], r["charge_id"] is not None) for r in rows] == [
+        ("usage", False),
+        ("term_fee", True),
+    ]
+    assert (rows[1]["period_start"], rows[1]["period_end"], rows[1]["due_date"]) == (
+        "2020-11-13",
+        "2020-12-12",
+        "2020-11-13",
+    )
+    assert (
+        csv.body.decode()
+        .splitlines()[0]
+        .endswith(",charge_id,contract,period_start,period_end,issued_at")
+    )
+    # A month with no charge issued (December's is not, yet) keeps the v2 layout.
+    other = ok_month(opener, "2020-12")
+    assert other.layout == 2
+
+
+def ok_month(opener: Opener, month: str) -> Any:
+    close_month(opener, CATALOG, month, now=now(), account_ref="acme")
+    with opener() as conn:
+        return export_month(conn, month, "jsonl")

@@ -61,6 +61,9 @@ _CLOCK_SKEW: Final = timedelta(seconds=5)
 _ISSUER: Final = f"{socket.gethostname()}:{os.getpid()}"
 #: The id a request has before it is stored (ids are identities, from 1).
 _UNSAVED: Final = 0
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: More committed devices of one class than this is a typo, not a fleet.
+MAX_COMMITMENT: Final = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,9 @@ def _replay(catalog: Catalog, contract: Contract, until: datetime | None = None)
 def _check_at(at: datetime, now: datetime, what: str = "at") -> datetime:
     if at.tzinfo is None:
         raise InvalidError(f"{what} needs a UTC offset, e.g. 2017-10-03T10:00:00+09:00", field=what)
+    if at < _EPOCH:
+        # Proration counts Unix seconds; and no contract predates devmeter by decades.
+        raise InvalidError(f"{what} {at.isoformat()} is before 1970", field=what)
     if at > now + _CLOCK_SKEW:
         done = (
             "a request is recorded when it is made"
@@ -186,10 +192,14 @@ def _commitments(plan: Plan, given: Mapping[str, int]) -> dict[str, int]:
                 f"(priced: {', '.join(sorted(plan.classes))})",
                 field="commit",
             )
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 0 <= count <= MAX_COMMITMENT
+        ):
             raise InvalidError(
-                f"committed devices for {device_class!r} must be a whole number >= 0, "
-                f"got {count!r}",
+                f"committed devices for {device_class!r} must be a whole number from 0 to "
+                f"{MAX_COMMITMENT}, got {count!r}",
                 field="commit",
             )
     return dict(given)

@@ -738,6 +738,15 @@ def _follow_plan(conn: Conn, account: Account, contract: Contract, sim: Simulati
         previous = plan
 
 
+def in_force(conn: Conn, catalog: Catalog, account: Account, at: datetime) -> bool:
+    """Whether the account has a contract started by ``at`` and not ended by then (the free
+    period counts: the service runs from the purchase)."""
+    found = _contracts(conn, account.id)
+    if not found or found[-1].started_at > at:
+        return False
+    return _replay(catalog, found[-1], at).ended_at is None
+
+
 # --- the month's statement -------------------------------------------------------------------
 
 

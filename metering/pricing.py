@@ -38,6 +38,7 @@ __all__ = [
     "Priced",
     "class_amount",
     "format_money",
+    "overage_amount",
     "price_class",
     "price_month",
     "price_overage",
@@ -323,6 +324,15 @@ def price_overage(
         if pricing.mode == "volume" or reached:
             break
     return lines
+
+
+def overage_amount(
+    device_class: str, pricing: ClassPricing, quantity: int, committed: int, currency: str
+) -> Decimal:
+    """What a class's month costs above ``committed`` devices: the sum of its overage lines
+    (with nothing committed, its usage lines)."""
+    lines = price_overage(device_class, pricing, quantity, committed, currency)
+    return round_money(sum((line.amount for line in lines), Decimal(0)), currency)
 
 
 def class_amount(device_class: str, pricing: ClassPricing, quantity: int, currency: str) -> Decimal:

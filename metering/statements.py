@@ -29,7 +29,14 @@ from metering.contracts import MonthTerms, month_terms
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import EndStates, close_peaks, peaks
 from metering.plans import plans_at
-from metering.pricing import Line, class_amount, format_money, price_month, round_money, tax_amount
+from metering.pricing import (
+    Line,
+    format_money,
+    overage_amount,
+    price_month,
+    round_money,
+    tax_amount,
+)
 from metering.registry import Account, get_account
 
 log = logging.getLogger("devmeter.close")
@@ -563,6 +570,10 @@ def _account_adjustments(
             account.signed_up_on.year,
             account.signed_up_on.month,
         ) == (first.year, first.month)
+        # A month under a contract billed only the peak above its commitments (issue 12):
+        # so is its correction.
+        terms = month_terms(conn, catalog, [account], c["period_start"], c["period_end"])
+        committed = terms[account.id].commitments if account.id in terms else {}
         for k in classes:
             old, new = billed.get((first, k), 0), corrected.get(k, 0)
             if old == new:
@@ -574,8 +585,9 @@ def _account_adjustments(
             pricing = plan.classes[k]
             amount = Decimal(0)
             if not free:
-                amount = class_amount(k, pricing, new, plan.currency) - class_amount(
-                    k, pricing, old, plan.currency
+                held = committed.get(k, 0)
+                amount = overage_amount(k, pricing, new, held, plan.currency) - overage_amount(
+                    k, pricing, old, held, plan.currency
                 )
             amount = round_money(amount, plan.currency)
             lines.append(

@@ -72,6 +72,16 @@ contract_policy = "anniversary"
 mode = "graduated"
 tiers = [ { price = "100" } ]
 
+[plans.cal-required]
+currency = "JPY"
+base_fee = "1000"
+contract_policy = "calendar"
+contract_required = true
+
+[plans.cal-required.classes.lte-m]
+mode = "graduated"
+tiers = [ { price = "100" } ]
+
 [plans.metered]
 currency = "JPY"
 
@@ -614,3 +624,12 @@ def test_two_processes_issuing_the_same_term_make_one_charge(dm: Cli) -> None:
         assert [c["issued_on"] for c in listed] == [
             "2017-11-01", "2017-12-01", "2018-01-01", "2018-02-01", "2018-03-01",
         ]  # fmt: skip
+
+
+def test_a_plan_that_requires_a_contract_registers_devices_only_under_one(dm: Cli) -> None:
+    account(dm, "cal-required", "2026-01-01")
+    register = ("devices", "register", "--account", "acme", "--class", "lte-m", "--id", "d1")
+    refused(dm(*register), "requires a contract")
+    assert ok(dm("devices", "list", "--account", "acme"))["devices"] == []
+    ok(dm("contracts", "start", "--account", "acme", "--term", "monthly"))
+    assert ok(dm(*register))["id"] == "d1"

@@ -259,3 +259,20 @@ def ok_month(opener: Opener, month: str) -> Any:
     close_month(opener, CATALOG, month, now=now(), account_ref="acme")
     with opener() as conn:
         return export_month(conn, month, "jsonl")
+
+
+def test_a_late_device_in_a_contract_month_is_adjusted_above_the_commitment(
+    opener: Opener,
+) -> None:
+    fleet(opener, "cal", date(2017, 9, 1), 12, jst(2017, 9, 20))
+    start(opener, "annual", jst(2017, 9, 15), lte_m=15)
+    assert close(opener, "2017-10") == []  # 12 devices, 15 committed: nothing above
+    with opener() as conn, conn.transaction():
+        register_device(
+            conn, CATALOG, account_ref="acme", device_class="lte-m", device_id="late",
+            at=jst(2017, 10, 6),
+        )  # fmt: skip
+    # October corrected to 13: still within the commitment, an adjustment of nothing; November
+    # bills nothing above 15 either.
+    november = close(opener, "2017-11")
+    assert november == [("adjustment", "lte-m", 1, "0")]

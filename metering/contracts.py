@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
@@ -184,14 +184,10 @@ def _check_at(at: datetime, now: datetime, what: str = "at") -> datetime:
     return at.astimezone(UTC)
 
 
-def _commitments(plan: Plan, given: Mapping[str, int]) -> dict[str, int]:
+def _commitments(given: Mapping[str, int]) -> dict[str, int]:
+    """Counts only: a class the plan does not price is refused where the term is priced
+    (terms.term_value)."""
     for device_class, count in given.items():
-        if device_class not in plan.classes:
-            raise InvalidError(
-                f"device class {device_class!r} is not priced by plan {plan.name!r} "
-                f"(priced: {', '.join(sorted(plan.classes))})",
-                field="commit",
-            )
         if (
             isinstance(count, bool)
             or not isinstance(count, int)
@@ -249,7 +245,7 @@ def start(
     _lock(conn, account)
     plan = _contract_plan(catalog, plans_at(conn, [account], at)[account.id])
     assert plan.contract_policy is not None
-    content = Content.of(plan.name, _commitments(plan, commitments))
+    content = Content.of(plan.name, _commitments(commitments))
     contracts = _contracts(conn, account.id)
     if contracts:
         latest = contracts[-1]
@@ -315,7 +311,7 @@ def change(
                 f"is {contract.policy}: cancel it and start a new one",
                 field="plan",
             )
-        merged = {**dict(current.commitments), **_commitments(target, commitments)}
+        merged = {**dict(current.commitments), **_commitments(commitments)}
         # Commitments the new plan does not price cannot come along.
         for device_class in merged:
             if device_class not in target.classes:
@@ -485,16 +481,7 @@ def _save(conn: Conn, contract_id: int, request: Request, by: str) -> Request:
             ),
         ).fetchone()
     assert row is not None
-    return Request(
-        row["id"],
-        request.kind,
-        request.at,
-        request.term,
-        request.content,
-        request.end_after,
-        request.effect,
-        request.values,
-    )
+    return replace(request, id=row["id"])
 
 
 # --- issuing charges -------------------------------------------------------------------------

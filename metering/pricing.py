@@ -171,6 +171,14 @@ def _tier_bounds(tiers: tuple[Tier, ...]) -> list[tuple[int, int | None, Tier]]:
     return bounds
 
 
+def _check_quantity(device_class: str, quantity: int) -> None:
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
+        raise InvalidError(
+            f"quantity for {device_class!r} must be a non-negative integer, got {quantity!r}",
+            field="quantity",
+        )
+
+
 def price_class(
     device_class: str, pricing: ClassPricing, quantity: int, currency: str
 ) -> list[Line]:
@@ -178,11 +186,7 @@ def price_class(
 
     A free tier that holds units still gets its (zero) line: it shows the allowance used.
     """
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
-        raise InvalidError(
-            f"quantity for {device_class!r} must be a non-negative integer, got {quantity!r}",
-            field="quantity",
-        )
+    _check_quantity(device_class, quantity)
     if quantity == 0:
         return []
     bounds = _tier_bounds(pricing.tiers)
@@ -210,20 +214,38 @@ def price_class(
             *_flat_line(device_class, tier, index, first, last, currency),
         ]
 
+    return _graduated_lines(device_class, bounds, 1, quantity, currency, "usage", "")
+
+
+def _graduated_lines(
+    device_class: str,
+    bounds: list[tuple[int, int | None, Tier]],
+    low: int,
+    quantity: int,
+    currency: str,
+    kind: LineKind,
+    note: str,
+) -> list[Line]:
+    """Units ``low .. quantity``, each at the price of the tier it falls in: a line per tier
+    used, and the flat amount of each tier entered within them (one that starts below ``low``
+    was entered, and paid for, before)."""
     lines: list[Line] = []
     for index, (first, last, tier) in enumerate(bounds, start=1):
         if first > quantity:
             break
+        start = max(first, low)
         covered_to = quantity if last is None else min(last, quantity)
-        units = covered_to - first + 1
+        if start > covered_to:
+            continue
+        units = covered_to - start + 1
         with localcontext(_EXACT):
             amount = round_money(units * tier.price, currency)
         price = format_money(tier.price, currency)
         lines.append(
             Line(
-                kind="usage",
+                kind=kind,
                 device_class=device_class,
-                description=f"{device_class} {first}{_EN_DASH}{covered_to} {_TIMES} {price}",
+                description=f"{device_class} {start}{_EN_DASH}{covered_to} {_TIMES} {price}{note}",
                 quantity=units,
                 unit_price=tier.price,
                 amount=amount,
@@ -232,7 +254,11 @@ def price_class(
                 tier_to=last,
             )
         )
-        lines.extend(_flat_line(device_class, tier, index, first, last, currency))
+        if first >= low:
+            lines.extend(
+                replace(line, kind=kind)
+                for line in _flat_line(device_class, tier, index, first, last, currency)
+            )
     return lines
 
 
@@ -279,51 +305,36 @@ def price_overage(
             replace(line, kind="overage")
             for line in price_class(device_class, pricing, quantity, currency)
         ]
-    price_class(device_class, pricing, quantity, currency)  # the same refusals
+    _check_quantity(device_class, quantity)
     if quantity <= committed:
         return []
     bounds = _tier_bounds(pricing.tiers)
-    lines: list[Line] = []
-    for index, (first, last, tier) in enumerate(bounds, start=1):
-        reached = last is None or quantity <= last
-        if pricing.mode == "volume":
-            if not reached:
-                continue
-            units = quantity - committed
-            span = f"{committed + 1}{_EN_DASH}{quantity}"
-            flat = committed < first
-        else:
-            low = max(first, committed + 1)
-            high = quantity if last is None else min(last, quantity)
-            if low > high:
-                continue
-            units = high - low + 1
-            span = f"{low}{_EN_DASH}{high}"
-            flat = first > committed
-        with localcontext(_EXACT):
-            amount = round_money(units * tier.price, currency)
-        price = format_money(tier.price, currency)
-        lines.append(
-            Line(
-                kind="overage",
-                device_class=device_class,
-                description=f"{device_class} {span} {_TIMES} {price} above {committed} committed",
-                quantity=units,
-                unit_price=tier.price,
-                amount=amount,
-                tier=index,
-                tier_from=first,
-                tier_to=last,
-            )
+    note = f" above {committed} committed"
+    if pricing.mode == "graduated":
+        return _graduated_lines(
+            device_class, bounds, committed + 1, quantity, currency, "overage", note
         )
-        if flat:
-            lines.extend(
-                replace(line, kind="overage")
-                for line in _flat_line(device_class, tier, index, first, last, currency)
-            )
-        if pricing.mode == "volume" or reached:
-            break
-    return lines
+    index, (first, last, tier) = next(
+        (i, b) for i, b in enumerate(bounds, start=1) if b[1] is None or quantity <= b[1]
+    )
+    units = quantity - committed
+    with localcontext(_EXACT):
+        amount = round_money(units * tier.price, currency)
+    price = format_money(tier.price, currency)
+    line = Line(
+        kind="overage",
+        device_class=device_class,
+        description=f"{device_class} {committed + 1}{_EN_DASH}{quantity} {_TIMES} {price}{note}",
+        quantity=units,
+        unit_price=tier.price,
+        amount=amount,
+        tier=index,
+        tier_from=first,
+        tier_to=last,
+    )
+    # The tier's flat amount, unless the commitment alone reached the tier (and paid it).
+    flat = _flat_line(device_class, tier, index, first, last, currency) if committed < first else []
+    return [line, *(replace(x, kind="overage") for x in flat)]
 
 
 def overage_amount(

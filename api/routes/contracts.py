@@ -8,6 +8,7 @@ the contract and the charges. The operator issues charges (back-fill) and reads 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -45,14 +46,25 @@ At = Annotated[
 ]
 
 
-def _who(caller: Principal) -> str:
-    return f"member:{caller.member_id}"
-
-
-def _outbox(app: Any) -> Any:
+def _ask(
+    conn: Any, app: Any, caller: Principal, request: Callable[..., dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """One request on the caller's contract (metering.contracts), as the CLI makes it."""
     from metering.scheduler import charge_outbox
 
-    return charge_outbox(app.config.webhook_url)
+    now = datetime.now(UTC)
+    at = fields.pop("at") or now
+    with conn.transaction():
+        return request(
+            conn,
+            app.catalog,
+            get_account(conn, caller.account_ref),
+            at=at,
+            now=now,
+            requested_by=f"member:{caller.member_id}",
+            on_issued=charge_outbox(app.config.webhook_url),
+            **fields,
+        )
 
 
 @router.get(
@@ -77,20 +89,9 @@ def read_contract(caller: Reader, conn: DB, app: State, at: At = None) -> Contra
     summary="Start a contract on the account's plan (owner only)",
 )
 def start_contract(body: ContractStartIn, caller: Owner, conn: DB, app: State) -> JSONResponse:
-    now = datetime.now(UTC)
-    with conn.transaction():
-        account = get_account(conn, caller.account_ref)
-        document = contracts.start(
-            conn,
-            app.catalog,
-            account,
-            term=body.term,
-            commitments=body.commitments,
-            at=body.at or now,
-            now=now,
-            requested_by=_who(caller),
-            on_issued=_outbox(app),
-        )
+    document = _ask(
+        conn, app, caller, contracts.start, term=body.term, commitments=body.commitments, at=body.at
+    )
     out = ContractRequestOut.model_validate(document)
     return JSONResponse(out.model_dump(mode="json"), status_code=201)
 
@@ -105,22 +106,9 @@ def start_contract(body: ContractStartIn, caller: Owner, conn: DB, app: State) -
 def change_contract(
     body: ContractChangeIn, caller: Owner, conn: DB, app: State
 ) -> ContractRequestOut:
-    now = datetime.now(UTC)
-    with conn.transaction():
-        account = get_account(conn, caller.account_ref)
-        document = contracts.change(
-            conn,
-            app.catalog,
-            account,
-            plan=body.plan,
-            commitments=body.commitments,
-            at=body.at or now,
-            now=now,
-            requested_by=_who(caller),
-            dry_run=body.dry_run,
-            on_issued=_outbox(app),
-        )
-    return ContractRequestOut.model_validate(document)
+    return ContractRequestOut.model_validate(
+        _ask(conn, app, caller, contracts.change, **body.model_dump())
+    )
 
 
 @router.post(
@@ -132,21 +120,9 @@ def change_contract(
 def switch_contract_term(
     body: ContractSwitchIn, caller: Owner, conn: DB, app: State
 ) -> ContractRequestOut:
-    now = datetime.now(UTC)
-    with conn.transaction():
-        account = get_account(conn, caller.account_ref)
-        document = contracts.switch_term(
-            conn,
-            app.catalog,
-            account,
-            term=body.term,
-            at=body.at or now,
-            now=now,
-            requested_by=_who(caller),
-            dry_run=body.dry_run,
-            on_issued=_outbox(app),
-        )
-    return ContractRequestOut.model_validate(document)
+    return ContractRequestOut.model_validate(
+        _ask(conn, app, caller, contracts.switch_term, **body.model_dump())
+    )
 
 
 @router.post(
@@ -158,21 +134,9 @@ def switch_contract_term(
 def cancel_contract(
     body: ContractCancelIn, caller: Owner, conn: DB, app: State
 ) -> ContractRequestOut:
-    now = datetime.now(UTC)
-    with conn.transaction():
-        account = get_account(conn, caller.account_ref)
-        document = contracts.cancel(
-            conn,
-            app.catalog,
-            account,
-            end_after=body.end_after,
-            at=body.at or now,
-            now=now,
-            requested_by=_who(caller),
-            dry_run=body.dry_run,
-            on_issued=_outbox(app),
-        )
-    return ContractRequestOut.model_validate(document)
+    return ContractRequestOut.model_validate(
+        _ask(conn, app, caller, contracts.cancel, **body.model_dump())
+    )
 
 
 @router.get(
@@ -230,6 +194,7 @@ def operator_charges(ref: AccountRef, conn: DB) -> ChargesOut:
 )
 def operator_issue(body: ChargesIssueIn, app: State) -> ChargesIssueOut:
     from devmeter.db import connect
+    from metering.scheduler import charge_outbox
 
     url = app.database_url
     report = contracts.issue(
@@ -238,7 +203,7 @@ def operator_issue(body: ChargesIssueIn, app: State) -> ChargesIssueOut:
         until=body.until,
         now=datetime.now(UTC),
         account_ref=body.account,
-        on_issued=_outbox(app),
+        on_issued=charge_outbox(app.config.webhook_url),
     )
     return ChargesIssueOut.model_validate(
         {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 
@@ -27,11 +27,6 @@ from devmeter.cli import (
     transaction,
 )
 from devmeter.errors import InvalidError
-
-if TYPE_CHECKING:
-    import psycopg
-
-    from devmeter.config import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,10 +64,28 @@ def _commit() -> Callable[[Callable[P, R]], Callable[P, R]]:
     )
 
 
-def _outbox(config: Settings) -> Callable[[psycopg.Connection[Any], int], None] | None:
+def _ask(
+    account_ref: str, at: str | None, request: Callable[..., dict[str, Any]], **fields: Any
+) -> None:
+    """One request on the account's contract (metering.contracts), printed as JSON."""
+    from metering.registry import get_account
     from metering.scheduler import charge_outbox
 
-    return charge_outbox(config.webhook_url)
+    config = settings()
+    with transaction(config) as conn:
+        account = get_account(conn, account_ref)
+        emit(
+            request(
+                conn,
+                catalog(config),
+                account,
+                at=_local_instant("--at", at, account.timezone),
+                now=_now(),
+                requested_by="cli",
+                on_issued=charge_outbox(config.webhook_url),
+                **fields,
+            )
+        )
 
 
 def _parse_commits(values: tuple[str, ...]) -> dict[str, int]:
@@ -109,24 +122,8 @@ def contracts_start(account_ref: str, term: str, commits: tuple[str, ...], at: s
     plans: the first term from now, charged at once.
     """
     from metering import contracts as service
-    from metering.registry import get_account
 
-    config = settings()
-    with transaction(config) as conn:
-        account = get_account(conn, account_ref)
-        emit(
-            service.start(
-                conn,
-                catalog(config),
-                account,
-                term=term,
-                commitments=_parse_commits(commits),
-                at=_local_instant("--at", at, account.timezone),
-                now=_now(),
-                requested_by="cli",
-                on_issued=_outbox(config),
-            )
-        )
+    _ask(account_ref, at, service.start, term=term, commitments=_parse_commits(commits))
 
 
 @contracts.command("change")
@@ -145,25 +142,15 @@ def contracts_change(
     1st; anniversary: by the second); a decrease waits for a term's end, without refund.
     """
     from metering import contracts as service
-    from metering.registry import get_account
 
-    config = settings()
-    with transaction(config) as conn:
-        account = get_account(conn, account_ref)
-        emit(
-            service.change(
-                conn,
-                catalog(config),
-                account,
-                plan=plan,
-                commitments=_parse_commits(commits),
-                at=_local_instant("--at", at, account.timezone),
-                now=_now(),
-                requested_by="cli",
-                on_issued=_outbox(config),
-                dry_run=dry_run,
-            )
-        )
+    _ask(
+        account_ref,
+        at,
+        service.change,
+        plan=plan,
+        commitments=_parse_commits(commits),
+        dry_run=dry_run,
+    )
 
 
 @contracts.command("switch-term")
@@ -179,24 +166,8 @@ def contracts_switch_term(account_ref: str, term: str, at: str | None, dry_run: 
     later. Anniversary: a new term starts now (monthly to annual refunds the unused month).
     """
     from metering import contracts as service
-    from metering.registry import get_account
 
-    config = settings()
-    with transaction(config) as conn:
-        account = get_account(conn, account_ref)
-        emit(
-            service.switch_term(
-                conn,
-                catalog(config),
-                account,
-                term=term,
-                at=_local_instant("--at", at, account.timezone),
-                now=_now(),
-                requested_by="cli",
-                on_issued=_outbox(config),
-                dry_run=dry_run,
-            )
-        )
+    _ask(account_ref, at, service.switch_term, term=term, dry_run=dry_run)
 
 
 @contracts.command("cancel")
@@ -220,24 +191,8 @@ def contracts_cancel(
     with the next one.
     """
     from metering import contracts as service
-    from metering.registry import get_account
 
-    config = settings()
-    with transaction(config) as conn:
-        account = get_account(conn, account_ref)
-        emit(
-            service.cancel(
-                conn,
-                catalog(config),
-                account,
-                end_after=end_after,
-                at=_local_instant("--at", at, account.timezone),
-                now=_now(),
-                requested_by="cli",
-                on_issued=_outbox(config),
-                dry_run=dry_run,
-            )
-        )
+    _ask(account_ref, at, service.cancel, end_after=end_after, dry_run=dry_run)
 
 
 @contracts.command("show")

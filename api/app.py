@@ -14,7 +14,17 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import docs, metrics, problems
 from api.deps import AppState, json_body
-from api.routes import account, admin, billing, devices, health, members, rejections, usage
+from api.routes import (
+    account,
+    admin,
+    billing,
+    contracts,
+    devices,
+    health,
+    members,
+    rejections,
+    usage,
+)
 from devmeter.config import Settings
 from devmeter.db import APPLICATION_NAME
 from metering.catalog import load_catalog
@@ -89,7 +99,17 @@ def create_app(
     # the proxies the deployment names are believed; anybody else could claim to be HTTPS.
     # (serve_in_thread turns uvicorn's own copy of this middleware off.)
     app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxy_list)
-    for module in (devices, usage, rejections, members, account, billing, admin, health):
+    for module in (
+        devices,
+        usage,
+        rejections,
+        members,
+        account,
+        billing,
+        contracts,
+        admin,
+        health,
+    ):
         app.include_router(module.router, dependencies=[Depends(json_body)])
     if console:
         from console.app import mount

@@ -459,3 +459,185 @@ class CreditsOut(BaseModel):
 
 class CreditGrantOut(CreditsOut):
     granted: LedgerEntryOut
+
+
+# --- contracts (issue 12) -------------------------------------------------------------------
+
+TermName = Literal["monthly", "annual"]
+#: Committed devices per class: at most a million of one class (a typo, not a fleet, beyond).
+Commitments = dict[
+    Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)],
+    Annotated[int, Field(ge=0, le=1_000_000, strict=True)],
+]
+_AT = (
+    "when the request is made (default: now; never in the future, never before 1970); the "
+    "operator's back-fill and tests name an instant"
+)
+
+
+class ContractStartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    term: TermName
+    commitments: Commitments = Field(
+        default_factory=dict, description="committed devices per class, billed with each term"
+    )
+    at: InputInstant | None = Field(default=None, description=_AT)
+
+
+class ContractChangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: str | None = Field(default=None, min_length=1, max_length=64, pattern=NO_NUL)
+    commitments: Commitments = Field(
+        default_factory=dict, description="the classes to change; 0 removes a commitment"
+    )
+    at: InputInstant | None = Field(default=None, description=_AT)
+    dry_run: bool = Field(
+        default=False, description="say what it would do and cost; change nothing"
+    )
+
+
+class ContractSwitchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    term: TermName
+    at: InputInstant | None = Field(default=None, description=_AT)
+    dry_run: bool = False
+
+
+class ContractCancelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    end_after: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]{4}-[0-9]{2}$",
+        description="the last month of service (YYYY-MM); default: the earliest term end",
+    )
+    at: InputInstant | None = Field(default=None, description=_AT)
+    dry_run: bool = False
+
+
+class ChargesIssueIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    until: InputInstant = Field(description="issue every charge due up to this instant")
+    account: str | None = Field(default=None, max_length=63, pattern=NO_NUL)
+
+
+class ContractRequestEntry(BaseModel):
+    id: int = Field(description="0 for a request not saved (a dry run)")
+    kind: Literal["start", "change", "switch", "cancel"]
+    requested_at: str
+    effect: Literal["now", "restart", "term_end", "following_term_end"] | None
+    effective_at: str | None = Field(description="when it took or takes effect")
+    effective_on: date | None
+    term: TermName | None
+    plan: str | None
+    commitments: dict[str, int] | None
+    end_after: str | None
+
+
+class ContractTermOut(BaseModel):
+    term: TermName
+    start: date
+    end: date = Field(description="the last day, as the seeds write it")
+    starts_at: str
+    ends_at: str
+    plan: str
+    commitments: dict[str, int]
+    fee: str
+
+
+class DayPeriod(BaseModel):
+    start: date
+    end: date
+
+
+class ContractOut(BaseModel):
+    """Instants are RFC 3339 in the account's zone; days are local days."""
+
+    account: str
+    contract: int | None
+    status: Literal["none", "free_period", "active", "ending", "ended"]
+    at: str
+    policy: Literal["calendar", "anniversary"] | None = None
+    currency: str | None = None
+    timezone: str | None = None
+    started_at: str | None = None
+    free_period: DayPeriod | None = None
+    plan: str | None = None
+    commitments: dict[str, int] | None = None
+    term: TermName | None = None
+    term_start: date | None = None
+    term_end: date | None = None
+    term_starts_at: str | None = None
+    term_ends_at: str | None = None
+    term_fee: str | None = None
+    renews_at: str | None = None
+    next_invoice_at: str | None = None
+    next_invoice_on: date | None = None
+    cancellation_deadline: date | None = Field(
+        default=None,
+        description="the last day a cancellation, decrease or switch takes "
+        "effect at this term's end",
+    )
+    cancellation_deadline_at: str | None = None
+    ends_at: str | None = None
+    last_day: date | None = None
+    next_term: ContractTermOut | None = None
+    scheduled_changes: list[ContractRequestEntry] = Field(default_factory=list)
+    requests: list[ContractRequestEntry] = Field(default_factory=list)
+
+
+class ChargeShare(BaseModel):
+    part: int
+    whole: int
+    unit: Literal["months", "seconds"]
+
+
+class ChargeOut(BaseModel):
+    id: int | None = Field(description="null for a charge quoted, not issued")
+    contract: int
+    kind: Literal["term_fee", "proration", "refund"]
+    description: str
+    plan: str
+    term: TermName
+    period_start: date
+    period_end: date = Field(description="the last day, as the seeds write it")
+    starts_at: str
+    ends_at: str
+    share: ChargeShare | None
+    currency: str
+    amount: str
+    tax_rate: str
+    tax: str
+    total: str
+    credits_applied: str
+    amount_due: str
+    issued_at: str
+    issued_on: date
+    due_date: date
+    change: int | None
+
+
+class ChargesOut(BaseModel):
+    account: str
+    charges: list[ChargeOut]
+
+
+class ContractRequestOut(BaseModel):
+    account: str
+    changed: bool = Field(description="false when the contract already was as asked")
+    request: ContractRequestEntry
+    charges: list[ChargeOut] = Field(description="what the request charges (or would)")
+    issued: list[ChargeOut] = Field(description="charges issued now, up to the request's instant")
+    contract: ContractOut
+    dry_run: bool = False
+
+
+class ChargesIssueOut(BaseModel):
+    until: str
+    accounts: int
+    issued: list[ChargeOut]
+    failed: dict[str, str]

@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from console import routes, security
+from console import contract, routes, security
 
 
 class _StaticFiles(StaticFiles):
@@ -25,6 +25,8 @@ def mount(app: FastAPI) -> None:
     app.state.console_secret = security.new_process_secret()
     # The mount first: the router ends with a catch-all 404 page for /console/...
     app.mount("/console/static", _StaticFiles(directory=routes.STATIC_DIR), name="console-static")
+    # Ahead of routes.router, which ends with the catch-all 404 page.
+    app.include_router(contract.router)
     app.include_router(routes.router)
     app.add_exception_handler(security.SignInRequiredError, routes.on_sign_in_required)
     app.add_exception_handler(security.CsrfError, routes.on_csrf_error)

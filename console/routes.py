@@ -763,8 +763,11 @@ def _class_views(
         peak, peak_at = (billed.peak, billed.peak_at) if billed else (0, None)
         late = corrected.get(cls)
         fixed = late.peak if late else 0
+        # A month under a contract bills the peak above its commitment (issue 12).
         usage_lines = [
-            x for x in (st.lines if st else ()) if x.kind == "usage" and x.device_class == cls
+            x
+            for x in (st.lines if st else ())
+            if x.kind in ("usage", "overage") and x.device_class == cls
         ]
         amount = (
             round_money(sum((x.amount for x in usage_lines), Decimal(0)), st.currency)

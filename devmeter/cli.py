@@ -1443,6 +1443,17 @@ def up() -> None:
     run_up(settings())
 
 
+def _register_groups() -> None:
+    # Imported here, once ``main`` and the helpers above exist: the groups' module uses them.
+    from devmeter.commands.contracts import charges, contracts
+
+    main.add_command(contracts)
+    main.add_command(charges)
+
+
+_register_groups()
+
+
 def run(argv: list[str] | None = None) -> None:
     """Entry point: click's standalone mode, but every error is one line (exit 2: refused)."""
     try:

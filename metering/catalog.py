@@ -27,6 +27,7 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "ClassPricing",
+    "ContractPolicy",
     "Metric",
     "Mode",
     "Plan",
@@ -46,6 +47,8 @@ Mode = Literal["graduated", "volume"]
 #: How a class's monthly quantity is counted (SPEC M2, M6).
 Metric = Literal["peak", "distinct"]
 Rounding = Literal["down", "up", "half_up", "half_even"]
+#: Issue 12: seed 003's calendar terms or seed 004's anniversary terms.
+ContractPolicy = Literal["calendar", "anniversary"]
 
 DEFAULT_CATALOG_PATH: Final[Path] = Path(__file__).with_name("default_catalog.toml")
 
@@ -115,8 +118,22 @@ _ROUNDINGS: Final[Mapping[str, Rounding]] = {
 
 _TOP_KEYS: Final = frozenset({"plans", "tax"})
 _PLAN_KEYS: Final = frozenset(
-    {"currency", "base_fee", "free_signup_month", "payment_method_required", "classes"}
+    {
+        "currency",
+        "base_fee",
+        "free_signup_month",
+        "payment_method_required",
+        "classes",
+        "contract_policy",
+        "annual_price",
+        "contract_required",
+    }
 )
+#: Issue 12: how a plan's contracts run (metering/periods.py has both rules).
+_CONTRACT_POLICIES: Final[Mapping[str, ContractPolicy]] = {
+    "calendar": "calendar",
+    "anniversary": "anniversary",
+}
 _CLASS_KEYS: Final = frozenset({"mode", "tiers", "metric"})
 _TIER_KEYS: Final = frozenset({"up_to", "price", "flat"})
 _TAX_KEYS: Final = frozenset({"rates"})
@@ -197,6 +214,12 @@ class Plan:
     classes: Mapping[str, ClassPricing]
     #: A2: devices can be registered only once the account has a payment method on file.
     payment_method_required: bool = False
+    #: Issue 12: the contract rules of the plan; None: the plan offers no contract.
+    contract_policy: ContractPolicy | None = None
+    #: The fee of an annual term (a monthly term's is ``base_fee``); None: monthly terms only.
+    annual_price: Decimal | None = None
+    #: Devices can be registered only while the account has a contract in force.
+    contract_required: bool = False
 
 
 def distinct_classes(plan: Plan | None) -> frozenset[str]:
@@ -346,6 +369,10 @@ class _Parser:
                 f"must be true or false, got {_kind(payment_method_required)}",
             )
 
+        contract_policy, annual_price, contract_required = self.contract_terms(
+            table, key, minor_units
+        )
+
         classes_key = _join(key, "classes")
         raw_classes = self.table(table.get("classes", {}), classes_key)
         if not raw_classes:
@@ -361,7 +388,48 @@ class _Parser:
             free_signup_month=free_signup_month,
             classes=MappingProxyType(classes),
             payment_method_required=payment_method_required,
+            contract_policy=contract_policy,
+            annual_price=annual_price,
+            contract_required=contract_required,
         )
+
+    def contract_terms(
+        self, table: Mapping[str, Any], key: str, minor_units: int
+    ) -> tuple[ContractPolicy | None, Decimal | None, bool]:
+        """The plan's contract keys. An annual price or a required contract without a policy
+        would be a plan that bills a contract nobody can start: refused."""
+        raw_policy = table.get("contract_policy")
+        policy = None
+        if raw_policy is not None:
+            policy = _CONTRACT_POLICIES.get(raw_policy) if isinstance(raw_policy, str) else None
+            if policy is None:
+                raise self.fail(
+                    _join(key, "contract_policy"),
+                    f"unknown contract policy {raw_policy!r} "
+                    f"(expected one of: {', '.join(_CONTRACT_POLICIES)})",
+                )
+        annual_price = None
+        if "annual_price" in table:
+            annual_price = self.money(
+                table["annual_price"], _join(key, "annual_price"), minor_units
+            )
+        required = table.get("contract_required", False)
+        if not isinstance(required, bool):
+            raise self.fail(
+                _join(key, "contract_required"), f"must be true or false, got {_kind(required)}"
+            )
+        if policy is None:
+            for name, present in (
+                ("annual_price", annual_price is not None),
+                ("contract_required", required),
+            ):
+                if present:
+                    raise self.fail(
+                        _join(key, name),
+                        "needs contract_policy (calendar or anniversary): contracts of this "
+                        "plan would have no rules",
+                    )
+        return policy, annual_price, required
 
     def class_pricing(self, name: str, raw: object, key: str, minor_units: int) -> ClassPricing:
         if not _NAME_RE.fullmatch(name):

@@ -12,6 +12,11 @@ a month whose statements all have ``format_version`` 1 is written in the layout 
 in their places and appends the tax rate and the adjustment columns, so a reader of v1 by
 position still reads v2. A v1 statement in a v2 month shows its stored values (it has no
 adjustment lines; its tax rate was stored with it).
+
+A month in which an exported account was issued contract charges (issue 12) is written in
+``COLUMNS_V3``: the v2 columns, then the charge's id, contract, period and issue instant. Each
+account's charges of the month (issued in it, account time zone) follow its statement's
+lines, one row each, their totals their own. A month without charges keeps its v2 bytes.
 """
 
 from __future__ import annotations
@@ -71,6 +76,18 @@ COLUMNS_V2: Final = (
     "corrected_quantity",
     "line_tax_rate",
 )
+#: A month with contract charges (issue 12): the v2 columns, then the charge's own. On a charge
+#: row ``kind`` is the charge's (term_fee, proration, refund), ``line_no`` is empty, the totals
+#: are the charge's, ``closed_at`` is when it was issued and ``due_date`` its own.
+COLUMNS_V3: Final = (
+    *COLUMNS_V2,
+    "charge_id",
+    "contract",
+    "period_start",
+    "period_end",
+    "issued_at",
+)
+CHARGE_EVENT_TYPE: Final = "devmeter.charge"
 #: CloudEvents attributes of ``--format cloudevents`` (structured mode, JSON format, one event
 #: per line), what OpenMeter ingests.
 CLOUDEVENTS_SOURCE: Final = "devmeter"
@@ -87,7 +104,7 @@ class Export:
     rows: int
     statements: int
     #: 1: the month is exported as it was before migration 0012; 2: with every line kind's
-    #: columns and the tax rate.
+    #: columns and the tax rate; 3: with contract charges.
     layout: int = 2
 
     @property
@@ -99,6 +116,11 @@ class Export:
         if self.format == "cloudevents":
             return f"devmeter-{self.month}.cloudevents.jsonl"
         return f"devmeter-{self.month}.{self.format}"
+
+
+def charge_key(account_ref: str, charge_id: int) -> str:
+    """One name per charge: its webhook's idempotency key and its CloudEvent's id."""
+    return f"dmcharge-{account_ref}-{charge_id}"
 
 
 def statement_key(account_ref: str, month: str) -> str:
@@ -117,6 +139,20 @@ JOIN accounts a ON a.id = s.account_id
 LEFT JOIN statement_lines l ON l.statement_id = s.id
 WHERE s.month = %(month)s AND (%(statement_id)s::bigint IS NULL OR s.id = %(statement_id)s)
 ORDER BY a.ref, l.line_no
+"""
+
+# Charges issued in the month, in each account's zone: for the accounts the export holds, or
+# one charge (its webhook).
+_CHARGES_SQL: Final = """
+SELECT a.ref AS account, c.*, k.timezone
+FROM charges c
+JOIN accounts a ON a.id = c.account_id
+JOIN contracts k ON k.id = c.contract_id
+WHERE (%(charge_id)s::bigint IS NOT NULL AND c.id = %(charge_id)s)
+   OR (%(charge_id)s::bigint IS NULL AND a.ref = ANY(%(accounts)s::text[])
+       AND (c.issued_at AT TIME ZONE k.timezone) >= %(month)s::timestamp
+       AND (c.issued_at AT TIME ZONE k.timezone) < (%(month)s::timestamp + interval '1 month'))
+ORDER BY c.issued_at, c.id
 """
 
 
@@ -144,28 +180,141 @@ def export_month(
         ).fetchall()
     if not rows:
         raise _not_closed(conn, month, now or datetime.now(UTC), grace)
-    layout = 1 if all(row["format_version"] == 1 for row in rows) else 2
-    columns = COLUMNS_V1 if layout == 1 else COLUMNS_V2
-    records = [_record(month, row, layout) for row in rows]
+    charges: list[dict[str, Any]] = []
+    if statement_id is None:
+        with conn.cursor(row_factory=dict_row) as cur:
+            charges = cur.execute(
+                _CHARGES_SQL,
+                {
+                    "charge_id": None,
+                    "accounts": sorted({row["account"] for row in rows}),
+                    "month": month_start(month),
+                },
+            ).fetchall()
+    layout = 3 if charges else 1 if all(row["format_version"] == 1 for row in rows) else 2
+    columns = (COLUMNS_V1, COLUMNS_V2, COLUMNS_V3)[layout - 1]
+    records = _with_charges(
+        [_record(month, row, layout) for row in rows], [_charge_record(c) for c in charges]
+    )
+    return _export(
+        f"dmx-{month}-",
+        month,
+        fmt,
+        records,
+        columns,
+        # Events carry every column whatever the layout: nobody held their bytes before.
+        _with_charges(
+            [_record(month, row, 2) for row in rows], [_charge_record(c) for c in charges]
+        ),
+        statements=len({row["statement_id"] for row in rows}),
+        layout=layout,
+    )
+
+
+def export_charge(conn: psycopg.Connection[Any], charge_id: int, fmt: str = "jsonl") -> Export:
+    """One charge in the v3 layout: what its webhook delivery carries."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            _CHARGES_SQL, {"charge_id": charge_id, "accounts": [], "month": None}
+        ).fetchall()
+    if not rows:
+        raise NotFoundError(f"no charge {charge_id}", field="charge_id")
+    record = _charge_record(rows[0])
+    return _export(
+        f"dmc-{charge_id}-",
+        str(record["month"]),
+        fmt,
+        [record],
+        COLUMNS_V3,
+        [record],
+        statements=0,
+        layout=3,
+    )
+
+
+def _export(
+    prefix: str,
+    month: str,
+    fmt: str,
+    records: list[dict[str, Any]],
+    columns: Sequence[str],
+    events: list[dict[str, Any]],
+    *,
+    statements: int,
+    layout: int,
+) -> Export:
     # The id names the content, independent of the format it is written in.
     digest = hashlib.sha256(_jsonl(records, columns)).hexdigest()
-    export_id = f"dmx-{month}-{digest[:16]}"
+    export_id = f"{prefix}{digest[:16]}"
     if fmt == "cloudevents":
-        # Events carry every column whatever the layout: nobody held their bytes before.
-        body = _cloudevents([_record(month, row, 2) for row in rows])
+        body = _cloudevents(events)
     else:
         records = [{"export_id": export_id, **r} for r in records]
         body = _csv(records, columns) if fmt == "csv" else _jsonl(records, columns)
     return Export(
         export_id=export_id,
         month=month,
-        format=fmt,  # type: ignore[arg-type]  # checked against FORMATS above
+        format=fmt,  # type: ignore[arg-type]  # checked against FORMATS by the callers
         body=body,
         sha256=hashlib.sha256(body).hexdigest(),
         rows=len(records),
-        statements=len({row["statement_id"] for row in rows}),
+        statements=statements,
         layout=layout,
     )
+
+
+def _with_charges(
+    records: list[dict[str, Any]], charges: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each account's charges right after its statement's rows (kept in the query's order)."""
+    if not charges:
+        return records
+    by_account: dict[str, list[dict[str, Any]]] = {}
+    for charge in charges:
+        by_account.setdefault(str(charge["account"]), []).append(charge)
+    merged: list[dict[str, Any]] = []
+    for n, record in enumerate(records):
+        merged.append(record)
+        last = n + 1 == len(records) or records[n + 1]["account"] != record["account"]
+        if last:
+            merged.extend(by_account.pop(str(record["account"]), []))
+    return merged
+
+
+def _charge_record(row: dict[str, Any]) -> dict[str, Any]:
+    from metering.periods import last_day, local_date
+
+    currency, tz = row["currency"], row["timezone"]
+    issued = local_date(row["issued_at"], tz)
+    total = row["amount"] + row["tax"]
+    return {
+        "account": row["account"],
+        "month": f"{issued:%Y-%m}",
+        "currency": currency,
+        "line_no": None,
+        "kind": row["kind"],
+        "device_class": None,
+        "description": row["description"],
+        "quantity": 1,
+        "unit_price": format_money(row["amount"], currency),
+        "amount": format_money(row["amount"], currency),
+        "subtotal": format_money(row["amount"], currency),
+        "tax": format_money(row["tax"], currency),
+        "credits_applied": format_money(row["credits_applied"], currency),
+        "amount_due": format_money(total - row["credits_applied"], currency),
+        "due_date": row["due_date"].isoformat(),
+        "closed_at": _utc(row["issued_at"]),
+        "tax_rate": str(row["tax_rate"]),
+        "corrects_month": None,
+        "billed_quantity": None,
+        "corrected_quantity": None,
+        "line_tax_rate": None,
+        "charge_id": row["id"],
+        "contract": row["contract_id"],
+        "period_start": local_date(row["period_start"], tz).isoformat(),
+        "period_end": last_day(row["period_start"], row["period_end"], tz).isoformat(),
+        "issued_at": _utc(row["issued_at"]),
+    }
 
 
 def _not_closed(
@@ -254,6 +403,7 @@ def _record(month: str, row: dict[str, Any], layout: int) -> dict[str, str | int
     if layout == 1:
         return record
     corrects = row["corrects_month"]
+    charge_columns = dict.fromkeys(COLUMNS_V3[len(COLUMNS_V2) :]) if layout == 3 else {}
     return {
         **record,
         # Rates as stored ("0.10"): a rate is not money and has no minor unit to round to.
@@ -262,6 +412,7 @@ def _record(month: str, row: dict[str, Any], layout: int) -> dict[str, str | int
         "billed_quantity": row["billed_quantity"],
         "corrected_quantity": row["corrected_quantity"],
         "line_tax_rate": None if row["line_tax_rate"] is None else str(row["line_tax_rate"]),
+        **charge_columns,
     }
 
 
@@ -298,13 +449,21 @@ def _cloudevents(records: Iterable[dict[str, Any]]) -> bytes:
         _json_line(
             {
                 "specversion": "1.0",
-                "id": f"{statement_key(str(r['account']), r['month'])}:{r['line_no']}",
+                "id": (
+                    charge_key(str(r["account"]), int(r["charge_id"]))
+                    if r.get("charge_id") is not None
+                    else f"{statement_key(str(r['account']), r['month'])}:{r['line_no']}"
+                ),
                 "source": CLOUDEVENTS_SOURCE,
-                "type": CLOUDEVENTS_TYPE,
+                "type": CHARGE_EVENT_TYPE if r.get("charge_id") is not None else CLOUDEVENTS_TYPE,
                 "subject": r["account"],
                 "time": r["closed_at"],
                 "datacontenttype": "application/json",
-                "data": {k: r[k] for k in COLUMNS_V2 if k in r},
+                "data": {
+                    k: r[k]
+                    for k in (COLUMNS_V3 if r.get("charge_id") is not None else COLUMNS_V2)
+                    if k in r
+                },
             }
         )
         for r in records

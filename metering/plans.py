@@ -174,3 +174,38 @@ def first_month_priced(at: datetime, tz: str) -> str:
     if not first_instant:
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     return f"{year:04d}-{month:02d}"
+
+
+def follow_contract(conn: Conn, account_id: int, plan: str, at: datetime, changed_by: str) -> bool:
+    """Record a contract's plan change (issue 12) in the plan history, once per ``changed_by``.
+
+    The contract has already decided when it takes effect (at once, or at a term's end), so
+    nothing here refuses it. The history stays in order: a contract dated before the
+    account's recorded history (a back-dated start) is recorded at the history's latest
+    instant. ``accounts.plan`` becomes the plan if this is now the latest change.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        seen = cur.execute(
+            "SELECT 1 FROM plan_changes WHERE account_id = %s AND changed_by = %s",
+            (account_id, changed_by),
+        ).fetchone()
+        if seen is not None:
+            return False
+        latest = cur.execute(
+            "SELECT max(effective_at) AS at FROM plan_changes WHERE account_id = %s",
+            (account_id,),
+        ).fetchone()
+    effective = at
+    if latest and latest["at"] is not None and latest["at"] > at:
+        effective = latest["at"]
+    conn.execute(
+        "INSERT INTO plan_changes (account_id, plan, effective_at, changed_by)"
+        " VALUES (%s, %s, %s, %s)",
+        (account_id, plan, effective, changed_by),
+    )
+    conn.execute(
+        "UPDATE accounts SET plan = (SELECT plan FROM plan_changes WHERE account_id = %(id)s"
+        " ORDER BY effective_at DESC, id DESC LIMIT 1) WHERE id = %(id)s",
+        {"id": account_id},
+    )
+    return True

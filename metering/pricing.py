@@ -12,7 +12,7 @@ the only rounding is the explicit one in `round_money`, with the rule named by t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import (
     ROUND_DOWN,
@@ -38,15 +38,17 @@ __all__ = [
     "Priced",
     "class_amount",
     "format_money",
+    "overage_amount",
     "price_class",
     "price_month",
+    "price_overage",
     "round_money",
     "tax_amount",
 ]
 
 # "adjustment" is reserved for late heartbeats that change a closed month (SPEC C2); the
 # close service creates those lines, this module never does.
-LineKind = Literal["usage", "base_fee", "discount", "adjustment"]
+LineKind = Literal["usage", "base_fee", "discount", "adjustment", "overage"]
 
 # Precision far beyond any bill; with Inexact trapped, exceeding it is an error, not a rounding.
 _EXACT: Final = Context(
@@ -169,6 +171,14 @@ def _tier_bounds(tiers: tuple[Tier, ...]) -> list[tuple[int, int | None, Tier]]:
     return bounds
 
 
+def _check_quantity(device_class: str, quantity: int) -> None:
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
+        raise InvalidError(
+            f"quantity for {device_class!r} must be a non-negative integer, got {quantity!r}",
+            field="quantity",
+        )
+
+
 def price_class(
     device_class: str, pricing: ClassPricing, quantity: int, currency: str
 ) -> list[Line]:
@@ -176,11 +186,7 @@ def price_class(
 
     A free tier that holds units still gets its (zero) line: it shows the allowance used.
     """
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
-        raise InvalidError(
-            f"quantity for {device_class!r} must be a non-negative integer, got {quantity!r}",
-            field="quantity",
-        )
+    _check_quantity(device_class, quantity)
     if quantity == 0:
         return []
     bounds = _tier_bounds(pricing.tiers)
@@ -208,20 +214,38 @@ def price_class(
             *_flat_line(device_class, tier, index, first, last, currency),
         ]
 
+    return _graduated_lines(device_class, bounds, 1, quantity, currency, "usage", "")
+
+
+def _graduated_lines(
+    device_class: str,
+    bounds: list[tuple[int, int | None, Tier]],
+    low: int,
+    quantity: int,
+    currency: str,
+    kind: LineKind,
+    note: str,
+) -> list[Line]:
+    """Units ``low .. quantity``, each at the price of the tier it falls in: a line per tier
+    used, and the flat amount of each tier entered within them (one that starts below ``low``
+    was entered, and paid for, before)."""
     lines: list[Line] = []
     for index, (first, last, tier) in enumerate(bounds, start=1):
         if first > quantity:
             break
+        start = max(first, low)
         covered_to = quantity if last is None else min(last, quantity)
-        units = covered_to - first + 1
+        if start > covered_to:
+            continue
+        units = covered_to - start + 1
         with localcontext(_EXACT):
             amount = round_money(units * tier.price, currency)
         price = format_money(tier.price, currency)
         lines.append(
             Line(
-                kind="usage",
+                kind=kind,
                 device_class=device_class,
-                description=f"{device_class} {first}{_EN_DASH}{covered_to} {_TIMES} {price}",
+                description=f"{device_class} {start}{_EN_DASH}{covered_to} {_TIMES} {price}{note}",
                 quantity=units,
                 unit_price=tier.price,
                 amount=amount,
@@ -230,7 +254,11 @@ def price_class(
                 tier_to=last,
             )
         )
-        lines.extend(_flat_line(device_class, tier, index, first, last, currency))
+        if first >= low:
+            lines.extend(
+                replace(line, kind=kind)
+                for line in _flat_line(device_class, tier, index, first, last, currency)
+            )
     return lines
 
 
@@ -257,18 +285,89 @@ def _flat_line(
     ]
 
 
+def price_overage(
+    device_class: str, pricing: ClassPricing, quantity: int, committed: int, currency: str
+) -> list[Line]:
+    """Overage lines (issue 12): the units of a month's ``quantity`` above the ``committed``
+    devices a contract bills in advance, priced from commitment + 1.
+
+    Graduated: each unit above the commitment at the price of the tier it falls in, with the
+    flat amount of each tier the overage enters (the commitment paid for the tiers it
+    reached). Volume: every unit above the commitment at the tier the whole quantity
+    reaches, with that tier's flat amount if the commitment alone did not reach it.
+    """
+    if isinstance(committed, bool) or not isinstance(committed, int) or committed < 0:
+        raise InvalidError(
+            f"committed devices for {device_class!r} must be a whole number >= 0", field="commit"
+        )
+    if committed == 0:
+        return [
+            replace(line, kind="overage")
+            for line in price_class(device_class, pricing, quantity, currency)
+        ]
+    _check_quantity(device_class, quantity)
+    if quantity <= committed:
+        return []
+    bounds = _tier_bounds(pricing.tiers)
+    note = f" above {committed} committed"
+    if pricing.mode == "graduated":
+        return _graduated_lines(
+            device_class, bounds, committed + 1, quantity, currency, "overage", note
+        )
+    index, (first, last, tier) = next(
+        (i, b) for i, b in enumerate(bounds, start=1) if b[1] is None or quantity <= b[1]
+    )
+    units = quantity - committed
+    with localcontext(_EXACT):
+        amount = round_money(units * tier.price, currency)
+    price = format_money(tier.price, currency)
+    line = Line(
+        kind="overage",
+        device_class=device_class,
+        description=f"{device_class} {committed + 1}{_EN_DASH}{quantity} {_TIMES} {price}{note}",
+        quantity=units,
+        unit_price=tier.price,
+        amount=amount,
+        tier=index,
+        tier_from=first,
+        tier_to=last,
+    )
+    # The tier's flat amount, unless the commitment alone reached the tier (and paid it).
+    flat = _flat_line(device_class, tier, index, first, last, currency) if committed < first else []
+    return [line, *(replace(x, kind="overage") for x in flat)]
+
+
+def overage_amount(
+    device_class: str, pricing: ClassPricing, quantity: int, committed: int, currency: str
+) -> Decimal:
+    """What a class's month costs above ``committed`` devices: the sum of its overage lines
+    (with nothing committed, its usage lines)."""
+    lines = price_overage(device_class, pricing, quantity, committed, currency)
+    return round_money(sum((line.amount for line in lines), Decimal(0)), currency)
+
+
 def class_amount(device_class: str, pricing: ClassPricing, quantity: int, currency: str) -> Decimal:
     """The class's monthly amount at ``quantity`` units: the sum of its priced lines."""
     lines = price_class(device_class, pricing, quantity, currency)
     return round_money(sum((line.amount for line in lines), Decimal(0)), currency)
 
 
-def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool = False) -> Priced:
+def price_month(
+    plan: Plan,
+    peaks: Mapping[str, int],
+    *,
+    signup_month_free: bool = False,
+    commitments: Mapping[str, int] | None = None,
+) -> Priced:
     """Lines and subtotal (tax-excluded, SPEC P2) for one month's peak per device class.
 
     `signup_month_free` is the caller's decision (plan.free_signup_month and this is the
     sign-up month, SPEC P5); it adds a discount line that brings the subtotal to 0, so the
     statement still shows what the month would have cost.
+
+    `commitments` (issue 12) is given for a month under a contract: its fee and committed
+    devices are billed in advance as charges, so the month has no base fee line, and a class
+    with committed devices bills only the peak above them (overage lines).
     """
     unknown = sorted(cls for cls in peaks if cls not in plan.classes)
     if unknown:
@@ -279,7 +378,7 @@ def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool
         )
     currency = plan.currency
     lines: list[Line] = []
-    if plan.base_fee > 0:
+    if plan.base_fee > 0 and commitments is None:
         fee = round_money(plan.base_fee, currency)
         lines.append(
             Line(
@@ -293,9 +392,14 @@ def price_month(plan: Plan, peaks: Mapping[str, int], *, signup_month_free: bool
         )
     # Sorted so a statement (and its export checksum) does not depend on dict order.
     for device_class in sorted(peaks):
-        lines.extend(
-            price_class(device_class, plan.classes[device_class], peaks[device_class], currency)
-        )
+        pricing = plan.classes[device_class]
+        committed = (commitments or {}).get(device_class, 0)
+        if committed > 0:
+            lines.extend(
+                price_overage(device_class, pricing, peaks[device_class], committed, currency)
+            )
+        else:
+            lines.extend(price_class(device_class, pricing, peaks[device_class], currency))
     if signup_month_free:
         discount = _subtotal(lines, currency).copy_negate()
         lines.append(

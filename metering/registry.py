@@ -220,6 +220,8 @@ def register_device(
     plan = catalog.plans[account.plan]
     if plan.payment_method_required:
         _require_payment_method(conn, account)
+    if plan.contract_required:
+        _require_contract(conn, catalog, account, at)
     classes = plan.classes
     if device_class not in classes:
         known = ", ".join(sorted(classes))
@@ -514,6 +516,18 @@ def _require_payment_method(conn: Conn, account: Account) -> None:
     on_file = conn.execute(Q["select_current_payment_method"], {"account_id": account.id})
     if on_file.fetchone() is None:
         raise ConflictError(payment_method_required_message(account.plan), field="payment_method")
+
+
+def _require_contract(conn: Conn, catalog: Catalog, account: Account, at: datetime) -> None:
+    """Issue 12: a plan that requires a contract registers devices only while one runs."""
+    from metering.contracts import in_force
+
+    if not in_force(conn, catalog, account, at):
+        raise ConflictError(
+            f"plan {account.plan!r} requires a contract before devices can be registered: "
+            "the owner starts one with POST /v1/contract (operator: devmeter contracts start)",
+            field="contract",
+        )
 
 
 def payment_method_required_message(plan: str) -> str:

@@ -1,7 +1,9 @@
-"""The scheduler (`devmeter scheduler`, and part of `devmeter up`): closes months, pushes webhooks.
+"""The scheduler (`devmeter scheduler`, and part of `devmeter up`): issues contract charges,
+closes months, pushes webhooks.
 
-Every job is safe to run from several schedulers at once and after any gap: closing takes a
-per-account lock and skips what is closed, webhook deliveries are claimed with SKIP LOCKED.
+Every job is safe to run from several schedulers at once and after any gap: issuing charges
+and closing take a per-account lock and skip what exists (a charge is unique per contract and
+what it is for), webhook deliveries are claimed with SKIP LOCKED.
 So there is no leader election; a second scheduler is only redundancy. A job that fails is
 logged and simply runs again at its next tick, which is also how a failed account is retried.
 """
@@ -80,6 +82,42 @@ def webhook_outbox(
     return on_closed
 
 
+def charge_outbox(
+    url: str | None,
+) -> Callable[[psycopg.Connection[Any], int], None] | None:
+    """The ``on_issued`` hook that queues an issued charge for the webhook, in the transaction
+    that issues it; None without a URL."""
+    if not url:
+        return None
+    from metering.webhook import enqueue_charge
+
+    def on_issued(conn: psycopg.Connection[Any], charge_id: int) -> None:
+        enqueue_charge(conn, charge_id, url)
+
+    return on_issued
+
+
+def issue_due(
+    connect_db: Callable[[], psycopg.Connection[Any]],
+    catalog: Catalog,
+    *,
+    now: datetime,
+    on_issued: Callable[[psycopg.Connection[Any], int], None] | None = None,
+) -> int:
+    """Renew terms and issue every contract charge due by ``now``; returns how many were
+    issued. A second scheduler doing the same at once issues each charge once."""
+    from metering.contracts import issue
+
+    report = issue(connect_db, catalog, until=now, now=now, on_issued=on_issued)
+    if report.issued or report.failed:
+        log.info(
+            "issued %d contract charges%s",
+            len(report.issued),
+            f"; failed (retried next run): {sorted(report.failed)}" if report.failed else "",
+        )
+    return len(report.issued)
+
+
 def build_scheduler(config: Settings, catalog: Catalog, database_url: str) -> BackgroundScheduler:
     grace = timedelta(minutes=config.close_grace_minutes)
     webhook_url = config.webhook_url
@@ -88,7 +126,11 @@ def build_scheduler(config: Settings, catalog: Catalog, database_url: str) -> Ba
     def connect_db() -> psycopg.Connection[Any]:
         return connect(database_url)
 
+    on_issued = charge_outbox(webhook_url)
+
     def close_job() -> None:
+        # Charges first: a term that began with the month is issued before the month closes.
+        issue_due(connect_db, catalog, now=datetime.now(UTC), on_issued=on_issued)
         close_due(connect_db, catalog, now=datetime.now(UTC), grace=grace, on_closed=on_closed)
 
     scheduler = BackgroundScheduler(timezone=UTC)

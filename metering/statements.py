@@ -13,7 +13,7 @@ import calendar
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -25,10 +25,18 @@ from psycopg.rows import class_row, dict_row
 from devmeter.errors import ConflictError, InvalidError
 from metering import credits, usage_model
 from metering.catalog import Catalog, Plan, Rounding, distinct_classes
+from metering.contracts import MonthTerms, month_terms
 from metering.peak import ClassPeak, month_bounds, parse_month
 from metering.peak_frame import EndStates, close_peaks, peaks
 from metering.plans import plans_at
-from metering.pricing import Line, class_amount, format_money, price_month, round_money, tax_amount
+from metering.pricing import (
+    Line,
+    format_money,
+    overage_amount,
+    price_month,
+    round_money,
+    tax_amount,
+)
 from metering.registry import Account, get_account
 
 log = logging.getLogger("devmeter.close")
@@ -144,7 +152,8 @@ def get_usage(
             distinct=distinct,
         )
     _refuse_future(account, month, start, now)
-    plan = plans_at(conn, [account], start)[account.id]
+    contract = month_terms(conn, catalog, [account], start, end).get(account.id)
+    plan = (contract and contract.plan) or plans_at(conn, [account], start)[account.id]
     distinct = _distinct(catalog, plan)
     classes = _count(conn, account, start, end, distinct, evidence)
     statement = None
@@ -160,6 +169,7 @@ def get_usage(
             status="preliminary",
             plan=plan,
             adjustments=late,
+            contract=contract,
         )
     return Usage(
         account.ref,
@@ -259,7 +269,7 @@ def class_usage(
     usage lines, tax excluded). One shape for usage and statements."""
     amounts: dict[str, Decimal] = {}
     for line in statement.lines:
-        if line.kind == "usage" and line.device_class is not None:
+        if line.kind in ("usage", "overage") and line.device_class is not None:
             amounts[line.device_class] = amounts.get(line.device_class, Decimal(0)) + line.amount
     out: dict[str, dict[str, Any]] = {}
     for c, p in sorted(peaks.items()):
@@ -382,9 +392,11 @@ def _price(
     status: Status,
     plan: str,
     adjustments: Sequence[Line] = (),
+    contract: MonthTerms | None = None,
 ) -> Statement:
     """The month's statement, in the order usage, base fee, discount, adjustments, tax, and
-    (at close, under the account's lock) credit points."""
+    (at close, under the account's lock) credit points. A month under a contract (issue 12)
+    has no base fee and bills the peak above its committed devices (overage)."""
     priced_plan = _plan(catalog, account, plan)
     first = month_start(month)
     # P5: the sign-up month (account time zone) is free when the month's plan says so.
@@ -392,7 +404,12 @@ def _price(
         account.signed_up_on.year,
         account.signed_up_on.month,
     ) == (first.year, first.month)
-    priced = price_month(priced_plan, {c: p.peak for c, p in peaks.items()}, signup_month_free=free)
+    priced = price_month(
+        priced_plan,
+        {c: p.peak for c, p in peaks.items()},
+        signup_month_free=free,
+        commitments=contract.commitments if contract is not None else None,
+    )
     lines = (*priced.lines, *adjustments)
     subtotal = round_money(sum((x.amount for x in lines), Decimal(0)), priced.currency)
     rate, tax = _tax(catalog, account, first, priced.subtotal, adjustments, priced.currency)
@@ -608,6 +625,10 @@ def _account_adjustments(
             account.signed_up_on.year,
             account.signed_up_on.month,
         ) == (first.year, first.month)
+        # A month under a contract billed only the peak above its commitments (issue 12):
+        # so is its correction.
+        terms = month_terms(conn, catalog, [account], c["period_start"], c["period_end"])
+        committed = terms[account.id].commitments if account.id in terms else {}
         for k in classes:
             old, new = billed.get((first, k), 0), corrected.get(k, 0)
             if old == new:
@@ -619,8 +640,9 @@ def _account_adjustments(
             pricing = plan.classes[k]
             amount = Decimal(0)
             if not free:
-                amount = class_amount(k, pricing, new, plan.currency) - class_amount(
-                    k, pricing, old, plan.currency
+                held = committed.get(k, 0)
+                amount = overage_amount(k, pricing, new, held, plan.currency) - overage_amount(
+                    k, pricing, old, held, plan.currency
                 )
             amount = round_money(amount, plan.currency)
             lines.append(
@@ -764,6 +786,11 @@ def close_month(
         try:
             with connect() as conn:
                 plans = plans_at(conn, group, start)
+                # A month under a contract is priced at the contract's plan (issue 12).
+                contracts = month_terms(conn, catalog, group, start, end)
+                for account_id, terms in contracts.items():
+                    if terms.plan is not None:
+                        plans[account_id] = terms.plan
                 by_metric: dict[frozenset[str], list[int]] = {}
                 for account in group:
                     by_metric.setdefault(_distinct(catalog, plans[account.id]), []).append(
@@ -793,6 +820,7 @@ def close_month(
             plans=plans,
             late=late,
             end_states=end_states,
+            contracts=contracts,
             now=now,
         )
     report.seconds = time.monotonic() - started
@@ -813,6 +841,7 @@ def _close_group(
     plans: dict[int, str],
     late: dict[int, list[Line]],
     end_states: EndStates,
+    contracts: Mapping[int, MonthTerms],
     now: datetime,
 ) -> None:
     """The group's statements, a batch of accounts per transaction on one connection.
@@ -838,6 +867,7 @@ def _close_group(
                         status="final",
                         plan=plans[account.id],
                         adjustments=late.get(account.id, ()),
+                        contract=contracts.get(account.id),
                     )
                 except Exception as exc:  # one account's failure must not stop the others
                     _record_failure(connect, report, account, month, exc)

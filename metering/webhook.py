@@ -1,4 +1,5 @@
-"""The signed webhook that pushes each closed statement to the billing system (SPEC C3).
+"""The signed webhook that pushes each closed statement, and each contract charge (issue 12),
+to the billing system (SPEC C3).
 
 An outbox: ``enqueue`` runs inside the account's close transaction, so a delivery row exists
 exactly when its statement does; ``deliver_due`` (the scheduler) sends what is due.
@@ -37,7 +38,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from devmeter.errors import InvalidError, NotFoundError
-from metering.export import export_month, statement_key
+from metering.export import charge_key, export_charge, export_month, statement_key
 from metering.peak import parse_month
 
 log = logging.getLogger("devmeter.webhook")
@@ -140,6 +141,28 @@ def enqueue(conn: Conn, statement_id: int, url: str) -> None:
         )
 
 
+_CHARGE_SQL: Final = """
+SELECT a.ref AS account FROM charges c JOIN accounts a ON a.id = c.account_id WHERE c.id = %s
+"""
+
+_ENQUEUE_CHARGE_SQL: Final = """
+INSERT INTO webhook_deliveries (charge_id, url, idempotency_key)
+VALUES (%s, %s, %s)
+ON CONFLICT (charge_id, url) DO NOTHING
+"""
+
+
+def enqueue_charge(conn: Conn, charge_id: int, url: str) -> None:
+    """Queue the push of a contract charge, in the transaction that issues it (so a delivery
+    exists exactly when the charge does); a second enqueue changes nothing."""
+    _check_url(url)
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_CHARGE_SQL, (charge_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no charge {charge_id}", field="charge_id")
+        cur.execute(_ENQUEUE_CHARGE_SQL, (charge_id, url, charge_key(row["account"], charge_id)))
+
+
 def _check_url(url: str) -> None:
     # urllib also opens file:// and ftp:// URLs; a statement must only ever go over HTTP(S).
     parts = urlsplit(url)
@@ -182,10 +205,11 @@ WITH due AS (
 )
 UPDATE webhook_deliveries d
 SET attempts = d.attempts + 1, next_attempt_at = %(lease_until)s
-FROM due, statements s
-WHERE d.id = due.id AND s.id = d.statement_id
-RETURNING d.id, d.statement_id, d.url, d.idempotency_key, d.attempts,
-    d.attempts - d.attempts_before_retry AS round_attempt, to_char(s.month, 'YYYY-MM') AS month
+FROM due
+WHERE d.id = due.id
+RETURNING d.id, d.statement_id, d.charge_id, d.url, d.idempotency_key, d.attempts,
+    d.attempts - d.attempts_before_retry AS round_attempt,
+    (SELECT to_char(s.month, 'YYYY-MM') FROM statements s WHERE s.id = d.statement_id) AS month
 """
 
 _RECORD_ATTEMPT_SQL: Final = """
@@ -216,13 +240,15 @@ WHERE id = %s AND status = 'pending' AND attempts = %s
 @dataclass(frozen=True, slots=True)
 class _Claim:
     id: int
-    statement_id: int
+    #: A delivery carries a closed statement or a contract charge.
+    statement_id: int | None
+    charge_id: int | None
     url: str
     idempotency_key: str
     attempts: int
     #: The attempt's number since the delivery was enqueued or last retried by an operator.
     round_attempt: int
-    month: str
+    month: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +311,11 @@ def _attempt(conn: Conn, claim: _Claim, secret: bytes, at: datetime, timeout_s: 
     started = time.monotonic()
     try:
         with conn.transaction():
-            export = export_month(conn, claim.month, "jsonl", statement_id=claim.statement_id)
+            if claim.charge_id is not None:
+                export = export_charge(conn, claim.charge_id)
+            else:
+                assert claim.month is not None
+                export = export_month(conn, claim.month, "jsonl", statement_id=claim.statement_id)
     except Exception as exc:  # a statement that cannot be exported must not stop the others
         if isinstance(exc, psycopg.OperationalError):
             raise
@@ -363,11 +393,16 @@ def _record(
             retry_at = finished + backoff(claim.round_attempt)
             conn.execute(_RESCHEDULE_SQL, (retry_at, claim.id, claim.attempts))
     what = f"HTTP {outcome.status_code}" if outcome.error is None else outcome.error
-    where = (claim.id, claim.statement_id, claim.idempotency_key, _redact(claim.url))
+    subject = (
+        f"statement {claim.statement_id}"
+        if claim.statement_id is not None
+        else f"charge {claim.charge_id}"
+    )
+    where = (claim.id, subject, claim.idempotency_key, _redact(claim.url))
     if outcome.ok:
         report.delivered += 1
         log.info(
-            "webhook delivery %d (statement %d, key %s) to %s: delivered on attempt %d (%s)",
+            "webhook delivery %d (%s, key %s) to %s: delivered on attempt %d (%s)",
             *where,
             claim.round_attempt,
             what,
@@ -375,8 +410,7 @@ def _record(
     elif retry_at is None:
         report.failed += 1
         log.error(
-            "webhook delivery %d (statement %d, key %s) to %s: attempt %d of %d failed (%s);"
-            " giving up",
+            "webhook delivery %d (%s, key %s) to %s: attempt %d of %d failed (%s); giving up",
             *where,
             claim.round_attempt,
             max_attempts,
@@ -385,8 +419,7 @@ def _record(
     else:
         report.retried += 1
         log.warning(
-            "webhook delivery %d (statement %d, key %s) to %s: attempt %d of %d failed (%s);"
-            " retry at %s",
+            "webhook delivery %d (%s, key %s) to %s: attempt %d of %d failed (%s); retry at %s",
             *where,
             claim.round_attempt,
             max_attempts,
@@ -420,6 +453,7 @@ def _version() -> str:
 class Delivery:
     id: int
     account: str
+    #: The statement's month, or the month a charge was issued in (account time zone).
     month: str
     idempotency_key: str
     #: The receiver's URL with any credentials or query string left out.
@@ -431,44 +465,68 @@ class Delivery:
     last_attempt_at: datetime | None
     last_status_code: int | None
     last_error: str | None
+    #: Set on the delivery of a contract charge (issue 12).
+    charge: int | None = None
 
 
-_LIST_SQL: Final = """
-SELECT d.id, a.ref AS account, to_char(s.month, 'YYYY-MM') AS month, d.idempotency_key,
+# A delivery's account and month, whether it carries a statement or a charge.
+_SUBJECT: Final = """
+LEFT JOIN statements s ON s.id = d.statement_id
+LEFT JOIN charges c ON c.id = d.charge_id
+JOIN accounts a ON a.id = coalesce(s.account_id, c.account_id)
+CROSS JOIN LATERAL (
+    SELECT coalesce(s.month, date_trunc('month', c.issued_at AT TIME ZONE a.timezone)::date)
+        AS month
+) m
+"""
+
+_LIST_SQL: Final = (
+    """
+SELECT d.id, a.ref AS account, to_char(m.month, 'YYYY-MM') AS month, d.idempotency_key,
        d.url, d.status, d.attempts,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
        d.delivered_at, w.attempted_at AS last_attempt_at, w.status_code AS last_status_code,
-       w.error AS last_error
+       w.error AS last_error, d.charge_id AS charge
 FROM webhook_deliveries d
-JOIN statements s ON s.id = d.statement_id
-JOIN accounts a ON a.id = s.account_id
+"""
+    + _SUBJECT
+    + """
 LEFT JOIN LATERAL (
     SELECT attempted_at, status_code, error FROM webhook_attempts
     WHERE delivery_id = d.id ORDER BY attempt DESC LIMIT 1
 ) w ON true
 WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
-  AND (%(month)s::date IS NULL OR s.month = %(month)s)
+  AND (%(month)s::date IS NULL OR m.month = %(month)s)
   AND (%(account)s::text IS NULL OR a.ref = %(account)s)
   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s))
 ORDER BY d.id
 """
+)
 
 # A new URL is skipped for a statement that already has a delivery to it (one per URL).
-_RETRY_SQL: Final = """
+_RETRY_SQL: Final = (
+    """
 UPDATE webhook_deliveries d
 SET status = 'pending', next_attempt_at = %(now)s, attempts_before_retry = d.attempts,
     url = coalesce(%(url)s, d.url)
-FROM statements s, accounts a
-WHERE s.id = d.statement_id AND a.id = s.account_id AND d.status = 'failed'
-  AND (%(month)s::date IS NULL OR s.month = %(month)s)
-  AND (%(account)s::text IS NULL OR a.ref = %(account)s)
+WHERE d.status = 'failed'
+  AND d.id IN (
+      SELECT d.id FROM webhook_deliveries d
+      """
+    + _SUBJECT
+    + """
+      WHERE (%(month)s::date IS NULL OR m.month = %(month)s)
+        AND (%(account)s::text IS NULL OR a.ref = %(account)s)
+  )
   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s))
   AND NOT EXISTS (
       SELECT 1 FROM webhook_deliveries o
-      WHERE o.statement_id = d.statement_id AND o.url = %(url)s AND o.id <> d.id
+      WHERE (o.statement_id = d.statement_id OR o.charge_id = d.charge_id)
+        AND o.url = %(url)s AND o.id <> d.id
   )
 RETURNING d.id
 """
+)
 
 
 def _filters(

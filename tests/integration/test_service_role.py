@@ -27,6 +27,10 @@ EVIDENCE = (
     # Histories of an account's payment methods and suspensions (migration 0013).
     "payment_methods",
     "account_status_changes",
+    # Contracts are their requests; a charge issued is final (migration 0018).
+    "contracts",
+    "contract_changes",
+    "charges",
 )
 # The maintained usage figures (migration 0014) are derived, not evidence: rebuilt at will.
 USAGE_FIGURES = {"usage_steps", "usage_buckets", "usage_classes", "usage_days"}
@@ -68,6 +72,26 @@ def closed_october(database_url: str) -> None:
         conn.execute(
             "INSERT INTO account_status_changes (account_id, status, source, changed_at)"
             " SELECT id, 'suspended', 'cli', now() FROM accounts WHERE ref = 'acme'"
+        )
+        contract = conn.execute(
+            "INSERT INTO contracts (account_id, policy, currency, timezone, started_at)"
+            " SELECT id, 'calendar', 'JPY', 'Asia/Tokyo', '2026-10-03T00:00Z' FROM accounts"
+            " WHERE ref = 'acme' RETURNING id, account_id"
+        ).fetchone()
+        assert contract is not None
+        conn.execute(
+            "INSERT INTO contract_changes (contract_id, kind, requested_at, effect, term, plan,"
+            " commitments, requested_by) VALUES (%s, 'start', '2026-10-03T00:00Z', 'now',"
+            " 'monthly', 'standard', '{}', 'test')",
+            (contract["id"],),
+        )
+        conn.execute(
+            "INSERT INTO charges (account_id, contract_id, key, kind, plan, term, description,"
+            " period_start, period_end, currency, amount, tax_rate, tax, amount_due, issued_at,"
+            " due_date, issued_by) VALUES (%s, %s, 'term:x', 'term_fee', 'standard', 'monthly',"
+            " 'fee', '2026-10-31T15:00Z', '2026-11-30T15:00Z', 'JPY', 0, 0.10, 0, 0,"
+            " '2026-10-31T15:00Z', '2026-12-31', 'test')",
+            (contract["account_id"], contract["id"]),
         )
         delivery = conn.execute(
             "INSERT INTO webhook_deliveries (statement_id, url, idempotency_key) "

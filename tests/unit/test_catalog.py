@@ -274,6 +274,27 @@ def test_tax_table_is_optional(tmp_path: Path) -> None:
             lambda c: c.plan("p").classes["c"].metric, "peak", id="metric-peak",
         ),
         pytest.param(
+            'free_signup_month = false',
+            'free_signup_month = false\ncontract_policy = "calendar"',
+            lambda c: (c.plan("p").contract_policy, c.plan("p").annual_price,
+                       c.plan("p").contract_required),
+            ("calendar", None, False), id="contract-calendar",
+        ),
+        pytest.param(
+            'free_signup_month = false',
+            'free_signup_month = false\ncontract_policy = "anniversary"\n'
+            'annual_price = "30000"\ncontract_required = true',
+            lambda c: (c.plan("p").contract_policy, c.plan("p").annual_price,
+                       c.plan("p").contract_required),
+            ("anniversary", Decimal(30000), True), id="contract-anniversary",
+        ),
+        pytest.param(
+            'free_signup_month = false', "free_signup_month = false",
+            lambda c: (c.plan("p").contract_policy, c.plan("p").annual_price,
+                       c.plan("p").contract_required),
+            (None, None, False), id="no-contract",
+        ),
+        pytest.param(
             'rounding = "down"', 'rounding = "half_even"',
             lambda c: c.tax["JP"].rates[0].rounding, "half_even", id="rounding-half-even",
         ),
@@ -567,6 +588,37 @@ BAD_CATALOGS = [
     pytest.param(
         variant('from = "2019-10-01", ', ""), f"{R}.from", "missing required key",
         id="from-missing",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\ncontract_policy = "monthly"'),
+        "plans.p.contract_policy", "unknown contract policy 'monthly'", id="policy-unknown",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\ncontract_policy = true'),
+        "plans.p.contract_policy", "unknown contract policy True", id="policy-not-a-string",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\nannual_price = "30000"'),
+        "plans.p.annual_price", "needs contract_policy", id="annual-price-without-policy",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\ncontract_required = true'),
+        "plans.p.contract_required", "needs contract_policy", id="required-without-policy",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\ncontract_policy = "calendar"\n'
+                'annual_price = 3.5'),
+        "plans.p.annual_price", "floats are inexact", id="annual-price-float",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\ncontract_policy = "calendar"\n'
+                'annual_price = "3.5"'),
+        "plans.p.annual_price", "more decimal places", id="annual-price-fraction-of-yen",
+    ),
+    pytest.param(
+        variant('base_fee = "0"', 'base_fee = "0"\ncontract_policy = "calendar"\n'
+                'contract_required = "yes"'),
+        "plans.p.contract_required", "must be true or false", id="required-not-bool",
     ),
     pytest.param(
         variant('rate = "0.10"', 'rate = "1"'), f"{R}.rate", "rate must be in [0, 1)",

@@ -28,6 +28,7 @@ from metering.pricing import (
     format_money,
     price_class,
     price_month,
+    price_overage,
     round_money,
     tax_amount,
 )
@@ -543,3 +544,64 @@ rates = [ { from = "2000-01-01", rate = "0", rounding = "half_up" } ]
             parse_catalog(
                 tomllib.loads(text.replace('flat = "10.00"', f"flat = {bad}")), source="test"
             )
+
+
+# --- overage above committed devices (issue 12) ---------------------------------------------
+
+FLAT_ENTERED = ClassPricing(
+    mode="graduated",
+    tiers=(
+        Tier(10, Decimal(300)),
+        Tier(100, Decimal(250), Decimal(1000)),
+        Tier(None, Decimal(200)),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("pricing", "quantity", "committed", "expected"),
+    [
+        # The worked example's 12 devices with 10 committed: units 11-12 at 250.
+        (LTE_M, 12, 10, [(2, "250", "500")]),
+        (LTE_M, 10, 10, []),  # exactly the commitment: no overage
+        (LTE_M, 3, 10, []),  # below it: nothing back either
+        (LTE_M, 12, 5, [(5, "300", "1500"), (2, "250", "500")]),  # from commitment + 1
+        (LTE_M, 105, 100, [(5, "200", "1000")]),
+        (LTE_M, 12, 0, [(10, "300", "3000"), (2, "250", "500")]),  # nothing committed: all
+        # Volume: the units above at the tier the whole quantity reaches.
+        (LTE_M_VOLUME, 12, 5, [(7, "250", "1750")]),
+        (LTE_M_VOLUME, 12, 11, [(1, "250", "250")]),
+        # A tier's flat amount goes with the overage that enters the tier, not with one that
+        # only continues it (the commitment paid for reaching it).
+        (FLAT_ENTERED, 12, 10, [(2, "250", "500"), (1, "1000", "1000")]),
+        (FLAT_ENTERED, 12, 11, [(1, "250", "250")]),
+    ],
+)
+def test_price_overage(
+    pricing: ClassPricing, quantity: int, committed: int, expected: list[tuple[int, str, str]]
+) -> None:
+    lines = price_overage("lte-m", pricing, quantity, committed, "JPY")
+    assert summary(lines) == expected
+    assert {line.kind for line in lines} <= {"overage"}
+
+
+@given(tiers=tier_tables(), quantity=st.integers(0, 300), committed=st.integers(0, 300))
+def test_graduated_overage_is_what_the_units_above_the_commitment_cost(
+    tiers: tuple[Tier, ...], quantity: int, committed: int
+) -> None:
+    lines = price_overage("c", pricing_of("graduated", tiers), quantity, committed, "USD")
+    expected = sum((unit_price(tiers, u) for u in range(committed + 1, quantity + 1)), Decimal(0))
+    assert sum((line.amount for line in lines), Decimal(0)) == expected
+    assert sum(line.quantity for line in lines) == max(0, quantity - committed)
+
+
+def test_a_contract_month_has_no_base_fee_and_bills_above_the_commitment() -> None:
+    plan = catalog(USD_TOML).plan("pro")
+    priced = price_month(plan, {"lte-m": 5, "wifi": 3}, commitments={"lte-m": 3})
+    # No base fee (the contract's term fee holds it); lte-m 4-5 above 3; wifi as usage.
+    assert [(ln.kind, ln.device_class, ln.quantity) for ln in priced.lines] == [
+        ("overage", "lte-m", 2),
+        ("usage", "wifi", 3),
+    ]
+    assert priced.subtotal == Decimal("0.10") + Decimal("3.75")
+    assert_exact(priced)

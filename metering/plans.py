@@ -129,6 +129,17 @@ def change_plan(
             "a plan change cannot change the account's currency",
             field="plan",
         )
+    from metering.contracts import in_force
+
+    if in_force(conn, catalog, account, at) or in_force(conn, catalog, account, now):
+        # The contract's plan prices its terms and its months; a change outside it would
+        # leave the two disagreeing.
+        raise ConflictError(
+            f"account {account.ref!r} has a contract: change its plan with "
+            f"`devmeter contracts change --account {account.ref} --plan {plan}` "
+            "(POST /v1/contract/change), which also says what the change costs",
+            field="plan",
+        )
     first_month = first_month_priced(at, account.timezone)
     if plan == current:
         return PlanChangeResult(account.ref, plan, current, at, first_month, changed=False)

@@ -130,7 +130,11 @@ def build_scheduler(config: Settings, catalog: Catalog, database_url: str) -> Ba
 
     def close_job() -> None:
         # Charges first: a term that began with the month is issued before the month closes.
-        issue_due(connect_db, catalog, now=datetime.now(UTC), on_issued=on_issued)
+        # A failure to issue (the database away) must not hold the close: both retry next tick.
+        try:
+            issue_due(connect_db, catalog, now=datetime.now(UTC), on_issued=on_issued)
+        except psycopg.Error:
+            log.exception("issuing contract charges failed; retried at the next tick")
         close_due(connect_db, catalog, now=datetime.now(UTC), grace=grace, on_closed=on_closed)
 
     scheduler = BackgroundScheduler(timezone=UTC)

@@ -573,6 +573,9 @@ def test_refusals_change_nothing(dm: Cli) -> None:
     refused(dm("contracts", "switch-term", "--account", "acme", "--term", "weekly",
                "--at", "2018-09-10"), "--term")  # fmt: skip
     refused(dm("contracts", "show", "--account", "nobody"), "unknown account")
+    # The plan of an account under contract changes only through the contract.
+    refused(dm("accounts", "set-plan", "--account", "acme", "--plan", "metered",
+               "--at", "2018-09-10"), "contracts change")  # fmt: skip
     assert show(dm, "2018-09-10") == before
     # Charges issued to 1 October: a request before then would change them.
     charges(dm, "2018-10-01")

@@ -734,6 +734,14 @@ def in_force(conn: Conn, catalog: Catalog, account: Account, at: datetime) -> bo
     return _replay(catalog, found[-1], at).ended_at is None
 
 
+def spans(
+    conn: Conn, catalog: Catalog, account_id: int, now: datetime
+) -> list[tuple[datetime, datetime | None]]:
+    """When each of the account's contracts ran, as known at ``now``: from its start to its
+    end (None: still running). For checks of many past instants at once (import)."""
+    return [(c.started_at, _replay(catalog, c, now).ended_at) for c in _contracts(conn, account_id)]
+
+
 # --- the month's statement -------------------------------------------------------------------
 
 

@@ -254,8 +254,16 @@ def import_history(
         cur.execute(_USAGE_BULK, ("on",))
         new_devices: list[_NewDevice] = []
         if devices is not None:
+            from metering.contracts import spans
+
+            required = [
+                a.id
+                for a in accounts.values()
+                if (plan := catalog.plans.get(a.plan)) is not None and plan.contract_required
+            ]
+            contracts = {i: spans(conn, catalog, i, latest_allowed) for i in required}
             new_devices = _read_devices(
-                devices, accounts, catalog, directory, latest_allowed, report
+                devices, accounts, catalog, directory, latest_allowed, report, contracts
             )
         span = _Span()
         for device in new_devices:
@@ -432,6 +440,7 @@ def _read_devices(
     directory: _Directory,
     latest_allowed: datetime,
     report: Progress,
+    contracts: dict[int, list[tuple[datetime, datetime | None]]],
 ) -> list[_NewDevice]:
     """Validate every row; on success the new devices are also added to ``directory``.
 
@@ -472,6 +481,8 @@ def _read_devices(
             if plan.payment_method_required and not account.paying:
                 # A2, as for a registration through the console or the API.
                 raise source.error(f"account {ref!r}: {payment_method_required_message(plan.name)}")
+            # Issue 12, as for a registration: a contract must run at the registration.
+            contract_spans = contracts.get(account.id, []) if plan.contract_required else None
             classes = plan.classes
             if device_class not in classes:
                 known = ", ".join(sorted(classes))
@@ -482,6 +493,14 @@ def _read_devices(
             registered_at = _parse_time(registered_text, "registered_at", latest_allowed)
             if isinstance(registered_at, str):
                 raise source.error(registered_at)
+            if contract_spans is not None and not any(
+                start <= registered_at and (end is None or registered_at < end)
+                for start, end in contract_spans
+            ):
+                raise source.error(
+                    f"account {ref!r}: plan {account.plan!r} requires a contract, and none runs "
+                    f"at {registered_at.isoformat()} (devmeter contracts start)"
+                )
             if gateway_id is not None:
                 gateway = added.get((account.id, gateway_id)) or directory.known.get(
                     (account.id, gateway_id)

@@ -629,10 +629,29 @@ def test_two_processes_issuing_the_same_term_make_one_charge(dm: Cli) -> None:
         ]  # fmt: skip
 
 
-def test_a_plan_that_requires_a_contract_registers_devices_only_under_one(dm: Cli) -> None:
+def test_a_plan_that_requires_a_contract_registers_devices_only_under_one(
+    dm: Cli, tmp_path: Path
+) -> None:
     account(dm, "cal-required", "2026-01-01")
     register = ("devices", "register", "--account", "acme", "--class", "lte-m", "--id", "d1")
     refused(dm(*register), "requires a contract")
     assert ok(dm("devices", "list", "--account", "acme"))["devices"] == []
-    ok(dm("contracts", "start", "--account", "acme", "--term", "monthly"))
+    ok(dm("contracts", "start", "--account", "acme", "--term", "monthly",
+          "--at", "2026-06-10T12:00:00+09:00"))  # fmt: skip
     assert ok(dm(*register))["id"] == "d1"
+    # An import too: a device registered before the contract began is refused, and with it
+    # the whole file; one registered under it is imported.
+    devices = tmp_path / "devices.csv"
+    devices.write_text(
+        "device_id,account,class,registered_at\n"
+        "d2,acme,lte-m,2026-06-10T12:00:01+09:00\n"
+        "d3,acme,lte-m,2026-06-10T11:59:59+09:00\n"
+    )
+    refused(dm("import", "--devices", str(devices)), "requires a contract")
+    assert [d["id"] for d in ok(dm("devices", "list", "--account", "acme"))["devices"]] == ["d1"]
+    devices.write_text(
+        "device_id,account,class,registered_at\nd2,acme,lte-m,2026-06-10T12:00:01+09:00\n"
+    )
+    ok(dm("import", "--devices", str(devices)))
+    listed = ok(dm("devices", "list", "--account", "acme"))["devices"]
+    assert sorted(d["id"] for d in listed) == ["d1", "d2"]

@@ -835,8 +835,9 @@ def profile_reads(
 
 
 def explain_reads(url: str, account: Account, months: Months) -> list[Explained]:
-    """EXPLAIN ANALYZE of metering.usage_model's three queries for the open full month: the
-    SQL every usage read runs (read from the module so the plan is of the code measured)."""
+    """EXPLAIN ANALYZE of metering.usage_model's queries for the open full month: the SQL every
+    usage read runs (read from the module so the plan is of the code measured), and the fold of
+    the quarter hours that reads in a zone other than the account's fall back to."""
     start, end = month_bounds(months.open_full, months.timezone)
     params = {
         "account_id": account.account_id,
@@ -850,7 +851,8 @@ def explain_reads(url: str, account: Account, months: Months) -> list[Explained]
     with db(url) as conn:
         for label, query in (
             ("usage_model._CLASSES (classes, opening count)", usage_model._CLASSES),
-            ("usage_model._DAYS (the month's buckets, by local day)", usage_model._DAYS),
+            ("usage_model._KEPT_DAYS (the month's kept days)", usage_model._KEPT_DAYS),
+            ("usage_model._DAYS (buckets by local day: other zones)", usage_model._DAYS),
             ("usage_model._STEPS_AT (steps at day starts)", usage_model._STEPS_AT),
         ):
             conn.execute(query, params).fetchall()

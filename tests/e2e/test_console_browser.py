@@ -217,7 +217,7 @@ def test_every_console_page_fits_a_phone(
     sign_in(page, key)
     check("devices", "Devices")
     # The navigation wraps: every link is on screen, none hidden under another.
-    for section in ("devices", "usage", "rejections", "statements", "account"):
+    for section in ("devices", "usage", "rejections", "statements", "contract", "account"):
         link = page.locator(f"#nav-{section}")
         expect(link).to_be_in_viewport()
     page.goto(f"{base}/devices/acme-d6")
@@ -239,12 +239,14 @@ def test_every_console_page_fits_a_phone(
     check("statement-2026-11", "Statement 2026-11")
     page.goto(f"{base}/rejections")
     check("rejections", "Rejected heartbeats")
+    page.goto(f"{base}/contract")
+    check("contract", "Contract")
     page.goto(f"{base}/account")
     expect(page.locator("#credit-balance")).to_contain_text("700 points")
     expect(page.locator("#plan-form")).to_be_visible()
     check("account", "Account")
 
-    assert len(shots) == 10
+    assert len(shots) == 11
     for path in shots:
         assert path.read_bytes().startswith(b"\x89PNG"), path
     print("phone screenshots:", *shots, sep="\n")  # noqa: T201 - where to look

@@ -83,10 +83,19 @@ def test_default_catalog_is_the_shipped_file(default: Catalog) -> None:
     assert DEFAULT_CATALOG_PATH.is_file()
     assert default.source == str(DEFAULT_CATALOG_PATH)
     assert load_catalog(DEFAULT_CATALOG_PATH) == default
-    assert sorted(default.plans) == ["seats", "standard", "standard-volume", "starter"]
+    assert sorted(default.plans) == [
+        "business-anniversary", "business-calendar", "seats", "standard", "standard-volume",
+        "starter",
+    ]  # fmt: skip
     assert sorted(default.tax) == ["JP", "US"]
-    # No shipped plan asks for a payment method: registration works out of the box.
+    # No shipped plan asks for a payment method or a contract: registration works out of the
+    # box; a contract is for sale on the two business plans, one per policy (issue 12).
     assert not [p for p in default.plans.values() if p.payment_method_required]
+    assert not [p for p in default.plans.values() if p.contract_required]
+    assert {p.name: p.contract_policy for p in default.plans.values() if p.contract_policy} == {
+        "business-anniversary": "anniversary",
+        "business-calendar": "calendar",
+    }
 
 
 def test_default_standard_lte_m_is_graduated_300_250_200(default: Catalog) -> None:
@@ -184,7 +193,8 @@ def test_unknown_plan_lists_known_plans(default: Catalog) -> None:
     with pytest.raises(KeyError) as info:
         default.plan("premium")
     assert str(info.value) == (
-        "unknown plan 'premium'; known plans: seats, standard, standard-volume, starter"
+        "unknown plan 'premium'; known plans: business-anniversary, business-calendar, seats, "
+        "standard, standard-volume, starter"
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import Cli, InProcessCli
 
 CATALOG = """
 [plans.cal]
@@ -101,11 +101,17 @@ rates = [ { from = "2000-01-01", rate = "0", rounding = "down" } ]
 
 
 @pytest.fixture
-def dm(cli: Cli, tmp_path: Path) -> Cli:
-    """The CLI with the contract plans above as its catalog."""
+def dm_process(cli: Cli, tmp_path: Path) -> Cli:
+    """The CLI with the contract plans above as its catalog, a process per command."""
     path = tmp_path / "contracts.toml"
     path.write_text(CATALOG, encoding="utf-8")
     return Cli({**cli.env, "DEVMETER_CATALOG": str(path)}, cli.cwd)
+
+
+@pytest.fixture
+def dm(dm_process: Cli) -> Cli:
+    """The same, run in this process (the same entry point; tests/conftest.py says why)."""
+    return InProcessCli(dm_process.env, dm_process.cwd)
 
 
 def ok(result: Any) -> dict[str, Any]:
@@ -598,7 +604,8 @@ def test_a_dry_run_changes_nothing(dm: Cli) -> None:
 # --- two issuers ----------------------------------------------------------------------------
 
 
-def test_two_processes_issuing_the_same_term_make_one_charge(dm: Cli) -> None:
+def test_two_processes_issuing_the_same_term_make_one_charge(dm_process: Cli) -> None:
+    dm = dm_process
     account(dm, "cal", "2017-10-03")
     account(dm, "cal", "2017-10-03", ref="beta")
     for ref in ("acme", "beta"):

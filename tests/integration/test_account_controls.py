@@ -21,10 +21,18 @@ from devmeter.db import connect
 from ingest.processor import Heartbeat, device_topic, process
 from ingest.writer import load_directory, write_batch
 from metering.statements import close_month
-from tests.conftest import Cli
+from tests.conftest import Cli, InProcessCli
 from tests.integration.test_api import ADMIN, add_member, assert_problem, bearer, make_account
 from tests.integration.test_close import CATALOG, NOW, jst, worked_example
 from tests.integration.test_console import assert_page, browser, csrf_of, sign_in
+
+
+@pytest.fixture
+def cli(cli: Cli) -> Cli:
+    """The `devmeter` entry point run in this process: these tests make many calls
+    (tests/conftest.py, InProcessCli)."""
+    return InProcessCli(cli.env, cli.cwd)
+
 
 #: Every table a registration, activation, payment method or status change writes to.
 TABLES = (

@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import Cli, InProcessCli
+
+
+@pytest.fixture
+def cli(cli: Cli) -> Cli:
+    """The `devmeter` entry point run in this process: these tests make many calls
+    (tests/conftest.py, InProcessCli)."""
+    return InProcessCli(cli.env, cli.cwd)
 
 
 def _create_acme(cli: Cli, **extra: str) -> dict[str, object]:

@@ -18,9 +18,16 @@ from devmeter.db import connect, service_url
 from ingest.processor import QUARANTINE_PAYLOAD_BYTES, Reason, Rejection
 from ingest.rejections import Q, RejectionFilter, list_rejections, payload_view
 from ingest.writer import write_batch
-from tests.conftest import SERVICE_PASSWORD, Cli
+from tests.conftest import SERVICE_PASSWORD, Cli, InProcessCli
 from tests.integration.test_api import add_member, assert_problem, bearer, make_account
 from tests.integration.test_cli_registry import _create_acme
+
+
+@pytest.fixture
+def cli(cli: Cli) -> Cli:
+    """The `devmeter` entry point run in this process: these tests make many calls
+    (tests/conftest.py, InProcessCli)."""
+    return InProcessCli(cli.env, cli.cwd)
 
 
 @pytest.fixture

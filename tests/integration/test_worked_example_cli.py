@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import Cli, InProcessCli
 from tests.integration.test_ingest_worker import count
+
+
+@pytest.fixture
+def cli(cli: Cli) -> Cli:
+    """The `devmeter` entry point run in this process: these tests make many calls
+    (tests/conftest.py, InProcessCli)."""
+    return InProcessCli(cli.env, cli.cwd)
+
 
 DEVICES = ["device_id,account,class,registered_at"]
 EVENTS = ["time,device_id,state,source"]

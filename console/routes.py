@@ -820,7 +820,7 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
             usage=None,
             statement=None,
             classes=[],
-            whatifs=_whatifs(conn, principal, plan),
+            whatifs=_whatifs(conn, catalog, principal, plan, now),
             currency=plan.currency if plan else "",
             previous_url="",
             next_url="",
@@ -838,7 +838,7 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
         statement=usage.statement,
         classes=_class_views(usage, days, start, end, principal.timezone),
         days=days,
-        whatifs=_whatifs(conn, principal, plan),
+        whatifs=_whatifs(conn, catalog, principal, plan, now),
         currency=plan.currency if plan else "",
         previous_url="/console/usage?" + urlencode({"month": previous_month(chosen)}),
         next_url=(
@@ -847,12 +847,25 @@ def usage_page(request: Request, conn: DB, session: Signed, month: str = "") -> 
     )
 
 
-def _whatifs(conn: Conn, principal: Principal, plan: Plan | None) -> list[WhatIfView]:
+def _whatifs(
+    conn: Conn, catalog: Catalog, principal: Principal, plan: Plan | None, now: datetime
+) -> list[WhatIfView]:
     if plan is None:
         return []
+    from metering.contracts import month_terms
+
     counts = active_now(conn, principal.account_id)
+    # Under a contract next month bills only the devices above its commitments (issue 12).
+    following = next_month(current_month(principal.timezone, now))
+    start, end = month_bounds(following, principal.timezone)
+    account = get_account(conn, principal.account_ref)
+    terms = month_terms(conn, catalog, [account], start, end).get(account.id)
+    committed = terms.commitments if terms is not None else {}
     return [
-        WhatIfView(cls, what_if(cls, pricing, counts.get(cls, 0), plan.currency))
+        WhatIfView(
+            cls,
+            what_if(cls, pricing, counts.get(cls, 0), plan.currency, committed.get(cls, 0)),
+        )
         for cls, pricing in sorted(plan.classes.items())
     ]
 

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from devmeter.errors import InvalidError
 from metering.catalog import ClassPricing, Tier
-from metering.pricing import class_amount
+from metering.pricing import overage_amount
 
 __all__ = ["WhatIf", "what_if"]
 
@@ -40,6 +40,9 @@ class WhatIf:
     #: Devices more until the next tier starts; None in the last (open) tier.
     to_next: int | None
     amount_at_next: Decimal | None
+    #: Devices a contract bills with its term (issue 12): the amounts are what the month
+    #: costs above them, priced from commitment + 1 as the statement prices overage.
+    committed: int = 0
 
     @property
     def is_first(self) -> bool:
@@ -50,7 +53,9 @@ class WhatIf:
         return self.to_next is None
 
 
-def what_if(device_class: str, pricing: ClassPricing, active: int, currency: str) -> WhatIf:
+def what_if(
+    device_class: str, pricing: ClassPricing, active: int, currency: str, committed: int = 0
+) -> WhatIf:
     if isinstance(active, bool) or not isinstance(active, int) or active < 0:
         raise InvalidError(
             f"active count for {device_class!r} must be a non-negative integer, got {active!r}",
@@ -59,7 +64,8 @@ def what_if(device_class: str, pricing: ClassPricing, active: int, currency: str
     index, first, tier = _locate(pricing.tiers, active)
 
     def amount_at(quantity: int) -> Decimal:
-        return class_amount(device_class, pricing, quantity, currency)
+        # With nothing committed, the class's usage lines (price_class).
+        return overage_amount(device_class, pricing, quantity, committed, currency)
 
     # The previous tier ends at first - 1: that many devices stay, the rest are deactivated.
     to_previous = active - (first - 1) if index > 1 else None
@@ -75,6 +81,7 @@ def what_if(device_class: str, pricing: ClassPricing, active: int, currency: str
         amount_at_previous=amount_at(first - 1) if to_previous is not None else None,
         to_next=to_next,
         amount_at_next=amount_at(active + to_next) if to_next is not None else None,
+        committed=committed,
     )
 
 

@@ -98,3 +98,28 @@ def test_the_owner_sees_the_contract_and_the_cost_of_a_change_first(
     assert requests_made(database_url) == before + 1
     # The operator's view agrees.
     assert client.get("/v1/admin/accounts/acme/contract", headers=ADMIN).json()["plan"] == "ann-pro"
+
+
+def test_the_tier_what_if_prices_what_lies_above_the_commitment(client: TestClient) -> None:
+    """Under a contract the committed devices are billed with the term: the usage page's
+    what-if shows next month's price as the devices above them."""
+    owner = make_account(client, "acme", plan="ann")
+    for n in range(5):
+        r = client.post(
+            "/v1/devices", json={"class": "lte-m", "id": f"d{n}"}, headers=bearer(owner)
+        )
+        assert r.status_code == 201, r.text
+    sign_in(client, owner)
+    page = assert_page(client.get("/console/usage"))
+    assert 'data-testid="committed"' not in page
+    assert "¥500" in page  # 5 x 100, no contract
+    r = client.post(
+        "/v1/contract",
+        json={"term": "monthly", "commitments": {"lte-m": 3}},
+        headers=bearer(owner),
+    )
+    assert r.status_code == 201, r.text
+    page = assert_page(client.get("/console/usage"))
+    assert 'data-testid="committed" data-value="3"' in page
+    row = page[page.index('data-testid="what-if-row"') :]
+    assert "¥200" in row[: row.index("</tr>")]  # (5 - 3) x 100

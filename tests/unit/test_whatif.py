@@ -161,3 +161,19 @@ def test_neighbours_are_exactly_the_tier_edges(pricing: ClassPricing, active: in
         assert what_if("x", pricing, active + w.to_next - 1, "JPY").tier == w.tier
     else:
         assert w.tier == len(pricing.tiers)
+
+
+def test_under_a_contract_the_price_is_what_lies_above_the_commitment() -> None:
+    """Issue 12: committed devices are billed with the term; the month bills the rest,
+    priced from commitment + 1 (here: 10 committed, 12 Active -> 2 x 250)."""
+    pricing = ClassPricing(
+        "graduated",
+        (Tier(10, Decimal(300)), Tier(100, Decimal(250)), Tier(None, Decimal(200))),
+    )
+    w = what_if("lte-m", pricing, 12, "JPY", committed=10)
+    assert (w.committed, w.amount) == (10, Decimal(500))
+    # Two fewer: nothing above the commitment; 89 more reach tier 3 (90 x 250 above 10).
+    assert (w.to_previous, w.amount_at_previous) == (2, Decimal(0))
+    assert (w.to_next, w.amount_at_next) == (89, Decimal(90 * 250 + 1 * 200))
+    # Nothing committed: the usage lines, as without a contract.
+    assert what_if("lte-m", pricing, 12, "JPY").amount == Decimal(3500)
